@@ -1,0 +1,346 @@
+/* config.c - the settings table and the `key = value` file parser (config.h). */
+#include "config.h"
+#include "log.h"
+
+#include <errno.h>
+#include <limits.h>
+#include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef enum { T_STR, T_INT, T_INT64, T_BOOL, T_MODE } ctype;
+
+typedef struct setting {
+    const char *name;
+    ctype type;
+    size_t offset;
+    const char *def;
+    int64_t min, max;
+    bool reloadable;
+    const char *doc;
+} setting;
+
+#define OFF(f) offsetof(pc_config, f)
+
+static const setting settings[] = {
+    { "listen_socket", T_STR, OFF(listen_socket), "/run/paycoord/paycoord.sock", 0, 0, false,
+      "Path of the Unix socket clients connect to." },
+    { "listen_mode", T_MODE, OFF(listen_mode), "0660", 0, 0777, false,
+      "File mode of the socket (octal)." },
+    { "listen_group", T_STR, OFF(listen_group), "", 0, 0, false,
+      "Group that owns the socket; empty keeps the daemon's group." },
+    { "max_clients", T_INT, OFF(max_clients), "1024", 1, 100000, true,
+      "Connected clients beyond which a new connection gets `overloaded` and is closed." },
+    { "max_request_bytes", T_INT, OFF(max_request_bytes), "65536", 256, 16777216, true,
+      "Longest request line; longer gets `request_too_large` and the connection is closed." },
+    { "max_client_pipeline", T_INT, OFF(max_client_pipeline), "1024", 1, 1000000, true,
+      "Requests of one client in progress at once; beyond it the daemon stops reading that client." },
+    { "client_output_limit", T_INT, OFF(client_output_limit), "4194304", 4096, 1073741824, true,
+      "Bytes of unread replies a client may accumulate before it is disconnected." },
+    { "client_partial_timeout_ms", T_INT, OFF(client_partial_timeout_ms), "10000", 100, 3600000, true,
+      "A client that sends part of a line and then nothing for this long is disconnected." },
+    { "admin_uids", T_STR, OFF(admin_uids), "", 0, 0, true,
+      "Comma-separated uids allowed admin ops (root and the daemon's own uid always are)." },
+    { "admin_gids", T_STR, OFF(admin_gids), "", 0, 0, true,
+      "Comma-separated gids allowed admin ops." },
+    { "client_uids", T_STR, OFF(client_uids), "", 0, 0, true,
+      "Comma-separated uids allowed client ops; with client_gids also empty, anyone who can open the socket." },
+    { "client_gids", T_STR, OFF(client_gids), "", 0, 0, true,
+      "Comma-separated gids allowed client ops." },
+    { "db_conninfo", T_STR, OFF(db_conninfo), "dbname=paycoord", 0, 0, false,
+      "libpq connection string of the database." },
+    { "pool_size", T_INT, OFF(pool_size), "8", 1, 256, false,
+      "PostgreSQL connections in the pool." },
+    { "db_reconnect_max_ms", T_INT, OFF(db_reconnect_max_ms), "5000", 100, 600000, false,
+      "Cap of the exponential reconnect backoff." },
+    { "db_lock_timeout_ms", T_INT, OFF(db_lock_timeout_ms), "200", 1, 60000, true,
+      "How long a debit waits for an account row locked by another node's prepared transaction before retrying later." },
+    { "node_id", T_STR, OFF(node_id), "n1", 0, 0, false,
+      "This daemon's node id (1-32 of A-Z a-z 0-9 _ -); part of every gid `pc:<node>:<hex>`." },
+    { "processor_url", T_STR, OFF(processor_url), "http://127.0.0.1:8081", 0, 0, false,
+      "Base URL of the payment processor (an IP literal, so no DNS lookup can block)." },
+    { "processor_token_file", T_STR, OFF(processor_token_file), "", 0, 0, false,
+      "File holding the processor bearer token; must not be readable by others." },
+    { "processor_connect_timeout_ms", T_INT, OFF(processor_connect_timeout_ms), "1000", 10, 60000, true,
+      "Processor connect timeout." },
+    { "processor_timeout_ms", T_INT, OFF(processor_timeout_ms), "5000", 10, 600000, true,
+      "Processor total request timeout; a timeout is an unknown outcome, never a decline." },
+    { "processor_max_connections", T_INT, OFF(processor_max_connections), "64", 1, 10000, false,
+      "Keep-alive connections to the processor at most." },
+    { "processor_verify_peer", T_BOOL, OFF(processor_verify_peer), "true", 0, 1, false,
+      "Verify the processor's TLS certificate and host name." },
+    { "processor_retries", T_INT, OFF(processor_retries), "3", 0, 100, true,
+      "Retries of a create whose outcome is unknown (same key) before the payment is left in doubt." },
+    { "processor_retry_base_ms", T_INT, OFF(processor_retry_base_ms), "100", 1, 60000, true,
+      "First retry delay; doubles each attempt, with jitter." },
+    { "processor_poll_ms", T_INT, OFF(processor_poll_ms), "500", 10, 600000, true,
+      "Interval between status polls of a pending or in-doubt payment." },
+    { "circuit_failures", T_INT, OFF(circuit_failures), "20", 1, 100000, true,
+      "Consecutive processor failures that open the circuit." },
+    { "circuit_open_ms", T_INT, OFF(circuit_open_ms), "5000", 100, 3600000, true,
+      "How long the circuit stays open before a probe payment is let through." },
+    { "pay_wait_ms", T_INT, OFF(pay_wait_ms), "30000", 0, 86400000, true,
+      "Default time a `pay` waits for a final outcome after the debit is prepared." },
+    { "payment_deadline_ms", T_INT, OFF(payment_deadline_ms), "60000", 1000, 86400000, true,
+      "After this, an unsettled payment is canceled at the processor by its gid." },
+    { "queue_timeout_ms", T_INT, OFF(queue_timeout_ms), "10000", 10, 3600000, true,
+      "How long a payment may wait behind others on its account before it is refused with `overloaded` (nothing written)." },
+    { "max_in_flight", T_INT, OFF(max_in_flight), "2000", 1, 1000000, true,
+      "Payments in progress at once; beyond it `pay` answers `overloaded`." },
+    { "max_account_queue", T_INT, OFF(max_account_queue), "1000", 1, 1000000, true,
+      "Payments queued on one account at most." },
+    { "prepared_share_percent", T_INT, OFF(prepared_share_percent), "80", 1, 100, true,
+      "Share of the server's max_prepared_transactions this node may hold." },
+    { "max_amount", T_INT64, OFF(max_amount), "1000000000000", 1, 1000000000000000LL, true,
+      "Largest amount accepted, in minor units." },
+    { "drain_timeout_ms", T_INT, OFF(drain_timeout_ms), "10000", 0, 3600000, true,
+      "On SIGTERM, how long in-flight payments may finish before the daemon exits (the rest stay prepared for recovery)." },
+    { "recovery_interval_ms", T_INT, OFF(recovery_interval_ms), "10000", 100, 86400000, true,
+      "Interval of the periodic recovery pass." },
+    { "max_recovery_attempts", T_INT, OFF(max_recovery_attempts), "50", 1, 1000000, true,
+      "Recovery attempts on one payment before it goes to manual review." },
+    { "processor_idempotency_window_s", T_INT, OFF(processor_idempotency_window_s), "86400", 1, 31536000, true,
+      "For a processor without cancel-by-key: how long a key may still charge; recovery waits this out before rolling back." },
+    { "log_level", T_STR, OFF(log_level), "info", 0, 0, true,
+      "error, warning, notice, info or debug." },
+    { "log_timestamps", T_BOOL, OFF(log_timestamps), "true", 0, 1, true,
+      "Add ts= to each line (journald stamps lines itself; set false under systemd)." },
+};
+
+static void *field(pc_config *cfg, const setting *s) { return (char *)cfg + s->offset; }
+
+static int set_value(pc_config *cfg, const setting *s, const char *v, char *err, size_t errlen)
+{
+    char *end;
+    switch (s->type) {
+    case T_STR: {
+        char **p = field(cfg, s);
+        char *copy = strdup(v);
+        if (!copy) {
+            snprintf(err, errlen, "out of memory");
+            return -1;
+        }
+        free(*p);
+        *p = copy;
+        return 0;
+    }
+    case T_INT:
+    case T_INT64:
+    case T_MODE: {
+        errno = 0;
+        long long n = strtoll(v, &end, s->type == T_MODE ? 8 : 10);
+        if (errno || end == v || *end || n < s->min || n > s->max) {
+            if (s->type == T_MODE)
+                snprintf(err, errlen, "must be an octal mode from 0 to 0777");
+            else
+                snprintf(err, errlen, "must be an integer from %lld to %lld",
+                         (long long)s->min, (long long)s->max);
+            return -1;
+        }
+        if (s->type == T_INT64)
+            *(int64_t *)field(cfg, s) = n;
+        else
+            *(int *)field(cfg, s) = (int)n;
+        return 0;
+    }
+    case T_BOOL:
+        if (!strcmp(v, "true") || !strcmp(v, "yes") || !strcmp(v, "on") || !strcmp(v, "1"))
+            *(bool *)field(cfg, s) = true;
+        else if (!strcmp(v, "false") || !strcmp(v, "no") || !strcmp(v, "off") || !strcmp(v, "0"))
+            *(bool *)field(cfg, s) = false;
+        else {
+            snprintf(err, errlen, "must be true or false");
+            return -1;
+        }
+        return 0;
+    }
+    return -1;
+}
+
+void config_defaults(pc_config *cfg)
+{
+    memset(cfg, 0, sizeof(*cfg));
+    char err[128];
+    for (size_t i = 0; i < PC_ARRAY_LEN(settings); i++)
+        if (set_value(cfg, &settings[i], settings[i].def, err, sizeof(err)) != 0)
+            abort();            /* a bad default is a programming error */
+}
+
+void config_free(pc_config *cfg)
+{
+    for (size_t i = 0; i < PC_ARRAY_LEN(settings); i++)
+        if (settings[i].type == T_STR) {
+            char **p = field(cfg, &settings[i]);
+            free(*p);
+            *p = NULL;
+        }
+}
+
+static char *trim(char *s)
+{
+    while (*s == ' ' || *s == '\t')
+        s++;
+    size_t n = strlen(s);
+    while (n && (s[n - 1] == ' ' || s[n - 1] == '\t' || s[n - 1] == '\r' || s[n - 1] == '\n'))
+        s[--n] = '\0';
+    return s;
+}
+
+int config_load(pc_config *cfg, const char *path, char *err, size_t errlen)
+{
+    FILE *f = fopen(path, "r");
+    if (!f) {
+        snprintf(err, errlen, "%s: %s", path, strerror(errno));
+        return -1;
+    }
+    char line[4096];
+    int lineno = 0, rc = 0;
+    while (fgets(line, sizeof(line), f)) {
+        lineno++;
+        if (!strchr(line, '\n') && !feof(f)) {
+            snprintf(err, errlen, "%s:%d: line too long", path, lineno);
+            rc = -1;
+            goto out;
+        }
+        char *s = trim(line);
+        if (*s == '\0' || *s == '#')
+            continue;
+        char *eq = strchr(s, '=');
+        if (!eq) {
+            snprintf(err, errlen, "%s:%d: expected `key = value`", path, lineno);
+            rc = -1;
+            goto out;
+        }
+        *eq = '\0';
+        char *key = trim(s), *val = trim(eq + 1);
+        size_t vl = strlen(val);
+        if (vl >= 2 && val[0] == '"' && val[vl - 1] == '"') {
+            val[vl - 1] = '\0';
+            val++;
+        }
+        const setting *st = NULL;
+        for (size_t i = 0; i < PC_ARRAY_LEN(settings); i++)
+            if (!strcmp(settings[i].name, key))
+                st = &settings[i];
+        if (!st) {
+            snprintf(err, errlen, "%s:%d: unknown key '%.64s'", path, lineno, key);
+            rc = -1;
+            goto out;
+        }
+        char why[160];
+        if (set_value(cfg, st, val, why, sizeof(why)) != 0) {
+            snprintf(err, errlen, "%s:%d: %s: %s", path, lineno, key, why);
+            rc = -1;
+            goto out;
+        }
+    }
+out:
+    fclose(f);
+    return rc;
+}
+
+int config_validate(const pc_config *cfg, char *err, size_t errlen)
+{
+    size_t n = strlen(cfg->node_id);
+    if (n < 1 || n > 32 || strspn(cfg->node_id, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-") != n) {
+        snprintf(err, errlen, "node_id: must be 1-32 of A-Z a-z 0-9 _ -");
+        return -1;
+    }
+    if (log_level_parse(cfg->log_level) < 0) {
+        snprintf(err, errlen, "log_level: must be error, warning, notice, info or debug");
+        return -1;
+    }
+    if (strncmp(cfg->processor_url, "http://", 7) && strncmp(cfg->processor_url, "https://", 8)) {
+        snprintf(err, errlen, "processor_url: must start with http:// or https://");
+        return -1;
+    }
+    if (strlen(cfg->listen_socket) >= 108) {
+        snprintf(err, errlen, "listen_socket: path longer than 107 bytes");
+        return -1;
+    }
+    const char *lists[] = { cfg->admin_uids, cfg->admin_gids, cfg->client_uids, cfg->client_gids };
+    const char *names[] = { "admin_uids", "admin_gids", "client_uids", "client_gids" };
+    for (size_t i = 0; i < 4; i++)
+        if (strspn(lists[i], "0123456789, ") != strlen(lists[i])) {
+            snprintf(err, errlen, "%s: must be a comma-separated list of numbers", names[i]);
+            return -1;
+        }
+    return 0;
+}
+
+void config_apply_reloadable(pc_config *dst, const pc_config *src)
+{
+    for (size_t i = 0; i < PC_ARRAY_LEN(settings); i++) {
+        const setting *s = &settings[i];
+        if (!s->reloadable)
+            continue;
+        void *d = field(dst, s);
+        const void *v = (const char *)src + s->offset;
+        switch (s->type) {
+        case T_STR:
+            if (strcmp(*(char **)d, *(char *const *)v)) {
+                log_notice("event=config_reload key=%s", s->name);
+                char *copy = strdup(*(char *const *)v);
+                if (copy) {
+                    free(*(char **)d);
+                    *(char **)d = copy;
+                }
+            }
+            break;
+        case T_INT:
+        case T_MODE:
+            if (*(int *)d != *(const int *)v) {
+                log_notice("event=config_reload key=%s old=%d new=%d", s->name, *(int *)d, *(const int *)v);
+                *(int *)d = *(const int *)v;
+            }
+            break;
+        case T_INT64:
+            if (*(int64_t *)d != *(const int64_t *)v) {
+                log_notice("event=config_reload key=%s", s->name);
+                *(int64_t *)d = *(const int64_t *)v;
+            }
+            break;
+        case T_BOOL:
+            if (*(bool *)d != *(const bool *)v) {
+                log_notice("event=config_reload key=%s", s->name);
+                *(bool *)d = *(const bool *)v;
+            }
+            break;
+        }
+    }
+}
+
+void config_print_reference(FILE *out)
+{
+    fprintf(out, "# Configuration reference\n\n"
+                 "Generated by `paycoord --config-reference` from the settings table in\n"
+                 "coordinator/config.c; a test keeps this page equal to its output.\n\n"
+                 "The file holds `key = value` lines; `#` starts a comment line; a value may be\n"
+                 "wrapped in double quotes. An unknown key or a bad value stops the daemon with\n"
+                 "the file, line and key. Reloadable keys take effect on SIGHUP.\n\n"
+                 "| key | default | reloadable | meaning |\n|---|---|---|---|\n");
+    for (size_t i = 0; i < PC_ARRAY_LEN(settings); i++) {
+        const setting *s = &settings[i];
+        fprintf(out, "| `%s` | `%s` | %s | %s |\n", s->name, s->def[0] ? s->def : "(empty)",
+                s->reloadable ? "yes" : "no", s->doc);
+    }
+}
+
+bool config_id_in_list(const char *list, unsigned id)
+{
+    const char *p = list;
+    while (*p) {
+        while (*p == ',' || *p == ' ')
+            p++;
+        if (!*p)
+            break;
+        char *end;
+        unsigned long v = strtoul(p, &end, 10);
+        if (end == p)
+            break;
+        if (v == id)
+            return true;
+        p = end;
+    }
+    return false;
+}

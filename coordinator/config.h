@@ -1,0 +1,79 @@
+/*
+ * config.h - paycoord's settings. One table (config.c) describes every key:
+ * name, type, default, bounds, whether SIGHUP reloads it, and its docs line.
+ * It drives parsing, reload, `stats` output and docs/config.md
+ * (`paycoord --config-reference` prints that page).
+ */
+#ifndef PAYCOORD_CONFIG_H
+#define PAYCOORD_CONFIG_H
+
+#include "common.h"
+#include <stdio.h>
+
+typedef struct pc_config {
+    /* socket */
+    char *listen_socket;
+    int listen_mode;
+    char *listen_group;
+    int max_clients;
+    int max_request_bytes;
+    int max_client_pipeline;
+    int client_output_limit;
+    int client_partial_timeout_ms;
+    char *admin_uids;
+    char *admin_gids;
+    char *client_uids;
+    char *client_gids;
+    /* database */
+    char *db_conninfo;
+    int pool_size;
+    int db_reconnect_max_ms;
+    int db_lock_timeout_ms;
+    /* node */
+    char *node_id;
+    /* processor */
+    char *processor_url;
+    char *processor_token_file;
+    int processor_connect_timeout_ms;
+    int processor_timeout_ms;
+    int processor_max_connections;
+    bool processor_verify_peer;
+    int processor_retries;
+    int processor_retry_base_ms;
+    int processor_poll_ms;
+    int circuit_failures;
+    int circuit_open_ms;
+    /* payments */
+    int pay_wait_ms;
+    int payment_deadline_ms;
+    int queue_timeout_ms;
+    int max_in_flight;
+    int max_account_queue;
+    int prepared_share_percent;
+    int64_t max_amount;
+    int drain_timeout_ms;
+    /* recovery */
+    int recovery_interval_ms;
+    int max_recovery_attempts;
+    int processor_idempotency_window_s;
+    /* logging */
+    char *log_level;
+    bool log_timestamps;
+} pc_config;
+
+/* Fill *cfg with every default. */
+void config_defaults(pc_config *cfg);
+/* Parse FILE into *cfg (on top of defaults). On error returns -1 and writes
+ * "FILE:LINE: key: problem" into err. */
+int config_load(pc_config *cfg, const char *path, char *err, size_t errlen) PC_MUSTCHECK;
+/* Cross-field checks (e.g. node_id shape, token file present). */
+int config_validate(const pc_config *cfg, char *err, size_t errlen) PC_MUSTCHECK;
+void config_free(pc_config *cfg);
+/* Copy the reloadable settings of src into dst; logs each change. */
+void config_apply_reloadable(pc_config *dst, const pc_config *src);
+/* The reference page (markdown) for docs/config.md. */
+void config_print_reference(FILE *out);
+/* Is uid/gid in a comma-separated list of numbers? */
+bool config_id_in_list(const char *list, unsigned id);
+
+#endif

@@ -1,0 +1,1115 @@
+/*
+ * psp.c - the payment-processor client (PROCESSOR.md): libcurl multi handle
+ * driven by libevent, one easy handle per call, answers mapped to psp_outcome.
+ */
+#include "psp.h"
+#include "log.h"
+
+#include <arpa/inet.h>
+#include <curl/curl.h>
+#include <event2/event.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <time.h>
+
+#ifndef PAYCOORD_VERSION
+#define PAYCOORD_VERSION "dev"
+#endif
+
+/*
+ * Request lifecycle (each psp_req is on exactly one of the client's lists):
+ *
+ *   1. psp_create/get/cancel/refund builds the easy handle and adds it to the
+ *      multi handle: ACTIVE list. If curl_multi_add_handle fails the request
+ *      goes straight to DONE with PSP_UNKNOWN and the zero-timeout done_ev is
+ *      armed, so the callback still fires from the loop, never inside the call.
+ *   2. A socket or timer event runs curl_multi_socket_action; once it has
+ *      returned, curl_multi_info_read hands back finished transfers. Each is
+ *      removed from the multi handle, classified and logged: DONE list.
+ *   3. run_completions() pops DONE requests one at a time, fires the callback
+ *      and only then releases the request (its easy handle goes back to a
+ *      small free list). Callbacks therefore run outside every curl call: they
+ *      may start new requests, and may even call psp_free() (the client
+ *      struct itself is then freed when the outermost dispatch unwinds).
+ *   4. psp_free() moves every ACTIVE request to DONE with "shutdown", fires
+ *      all DONE callbacks, then tears down curl and the events. New calls made
+ *      from those callbacks return -1.
+ */
+
+#define EASY_CACHE_MAX 32              /* idle easy handles kept for reuse */
+#define DEFAULT_CONNECT_TIMEOUT_MS 2000L
+#define DEFAULT_REQUEST_TIMEOUT_MS 10000L
+#define MAX_GID_LEN 255                /* fits psp_payment.idempotency_key */
+
+typedef enum { CALL_CREATE, CALL_GET, CALL_CANCEL, CALL_REFUND } psp_call;
+
+static const char *const call_names[] = { "create", "get", "cancel", "refund" };
+
+typedef struct psp_req psp_req;
+typedef struct psp_sock psp_sock;
+
+struct psp_req {
+    psp_client *c;
+    psp_req *prev, *next;              /* on c->active or c->done */
+    psp_call call;
+    CURL *easy;
+    bool in_multi;
+    char *gid;
+    int64_t amount;                    /* create only, for the log line */
+    char currency[8];                  /* create only, for the log line */
+    struct curl_slist *headers;
+    char *body;                        /* request body; curl does not copy it */
+    char *resp;                        /* response body, NUL-terminated */
+    size_t resp_len, resp_cap;
+    bool resp_too_big;
+    bool new_conn;
+    double start_ms;
+    psp_cb cb;
+    void *arg;
+    psp_result res;
+    char errbuf[CURL_ERROR_SIZE];
+};
+
+/* One per socket curl asked us to watch (CURLMOPT_SOCKETFUNCTION). */
+struct psp_sock {
+    psp_client *c;
+    psp_sock *prev, *next;
+    curl_socket_t fd;
+    struct event *ev;
+};
+
+typedef struct req_list {
+    psp_req *head, *tail;
+} req_list;
+
+struct psp_client {
+    struct event_base *base;
+    CURLM *multi;
+    struct event *timer;               /* curl's single timeout */
+    struct event *done_ev;             /* zero-timeout: deferred completions */
+    char *base_url;                    /* without trailing '/' */
+    char *auth_header;                 /* "Authorization: Bearer ..."; never logged */
+    long connect_timeout_ms;
+    long request_timeout_ms;
+    bool verify_peer;
+    req_list active, done;
+    psp_sock *socks;
+    CURL *easy_cache[EASY_CACHE_MAX];
+    int n_easy_cache;
+    int in_flight;
+    int dispatch_depth;                /* nesting of run_completions */
+    bool closing;                      /* psp_free started: refuse new calls */
+    bool free_deferred;                /* psp_free ran inside a callback */
+    bool curl_global;                  /* we hold a curl_global_init reference */
+    psp_stats stats;
+};
+
+/* ---- small helpers ---------------------------------------------------- */
+
+static double now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec * 1000.0 + (double)ts.tv_nsec / 1e6;
+}
+
+static void list_push(req_list *l, psp_req *r)
+{
+    r->next = NULL;
+    r->prev = l->tail;
+    if (l->tail)
+        l->tail->next = r;
+    else
+        l->head = r;
+    l->tail = r;
+}
+
+static void list_unlink(req_list *l, psp_req *r)
+{
+    if (r->prev)
+        r->prev->next = r->next;
+    else
+        l->head = r->next;
+    if (r->next)
+        r->next->prev = r->prev;
+    else
+        l->tail = r->prev;
+    r->prev = r->next = NULL;
+}
+
+/* Copy src into dst[size]; false (dst = "") if it does not fit. */
+static bool copy_str(char *dst, size_t size, const char *src)
+{
+    size_t n = strlen(src);
+    if (n >= size) {
+        dst[0] = '\0';
+        return false;
+    }
+    memcpy(dst, src, n + 1);
+    return true;
+}
+
+/*
+ * Render s as a log value: bare when it is a plain token, otherwise quoted
+ * with '"' and '\' escaped and control characters replaced. Truncates.
+ */
+static const char *kv(char *buf, size_t size, const char *s)
+{
+    bool plain = *s != '\0';
+    for (const char *p = s; *p && plain; p++)
+        if (*p <= ' ' || *p == '"' || *p == '=' || *p == '\\' || *p == 0x7f)
+            plain = false;
+    if (plain && strlen(s) < size) {
+        memcpy(buf, s, strlen(s) + 1);
+        return buf;
+    }
+    size_t n = 0;
+    buf[n++] = '"';
+    for (const char *p = s; *p && n + 4 < size; p++) {
+        unsigned char ch = (unsigned char)*p;
+        if (ch == '"' || ch == '\\')
+            buf[n++] = '\\';
+        buf[n++] = (ch < ' ' || ch == 0x7f) ? '?' : (char)ch;
+    }
+    buf[n++] = '"';
+    buf[n] = '\0';
+    return buf;
+}
+
+/* A gid goes into a header, a URL and log lines: 1..255 printable, no space. */
+static bool gid_valid(const char *gid)
+{
+    if (gid == NULL || gid[0] == '\0' || strlen(gid) > MAX_GID_LEN)
+        return false;
+    for (const char *p = gid; *p; p++)
+        if (*p <= ' ' || *p >= 0x7f)
+            return false;
+    return true;
+}
+
+/* ---- answer classification (pure) ------------------------------------- */
+
+const char *psp_outcome_name(psp_outcome o)
+{
+    switch (o) {
+    case PSP_PAYMENT: return "payment";
+    case PSP_NOT_FOUND: return "not_found";
+    case PSP_ALREADY_SUCCEEDED: return "already_succeeded";
+    case PSP_CONFLICT: return "conflict";
+    case PSP_INVALID: return "invalid";
+    case PSP_AUTH: return "auth";
+    case PSP_UNSUPPORTED: return "unsupported";
+    case PSP_UNKNOWN: return "unknown";
+    }
+    return "?";
+}
+
+const char *psp_status_name(psp_status s)
+{
+    switch (s) {
+    case PSP_ST_NONE: return "none";
+    case PSP_ST_SUCCEEDED: return "succeeded";
+    case PSP_ST_DECLINED: return "declined";
+    case PSP_ST_PENDING: return "pending";
+    case PSP_ST_CANCELED: return "canceled";
+    }
+    return "?";
+}
+
+static bool parse_status(const char *s, psp_status *out)
+{
+    static const struct { const char *name; psp_status st; } names[] = {
+        { "succeeded", PSP_ST_SUCCEEDED }, { "declined", PSP_ST_DECLINED },
+        { "pending", PSP_ST_PENDING }, { "canceled", PSP_ST_CANCELED },
+    };
+    for (size_t i = 0; i < PC_ARRAY_LEN(names); i++)
+        if (strcmp(s, names[i].name) == 0) {
+            *out = names[i].st;
+            return true;
+        }
+    return false;
+}
+
+/* An integral JSON number that a double holds exactly (|x| <= 2^53). */
+static bool json_int(const cJSON *item, int64_t *out)
+{
+    if (!cJSON_IsNumber(item))
+        return false;
+    double d = item->valuedouble;
+    if (!(d >= -9007199254740992.0 && d <= 9007199254740992.0))
+        return false;
+    int64_t v = (int64_t)d;
+    if ((double)v != d)
+        return false;
+    *out = v;
+    return true;
+}
+
+/*
+ * Fill p from a payment object. Required: id, idempotency_key (== gid when
+ * gid is given), status (one of the four), amount, currency (3 letters; both
+ * may be null when canceled), created. Optional: decline_code (string or
+ * null; truncated to fit), refunded (bool). Anything else is ignored. On
+ * failure why says what.
+ */
+static bool parse_payment(const cJSON *o, const char *gid, psp_payment *p, const char **why)
+{
+    memset(p, 0, sizeof(*p));
+    if (!cJSON_IsObject(o)) {
+        *why = "payment_not_an_object";
+        return false;
+    }
+    const cJSON *id = cJSON_GetObjectItemCaseSensitive(o, "id");
+    const cJSON *key = cJSON_GetObjectItemCaseSensitive(o, "idempotency_key");
+    const cJSON *status = cJSON_GetObjectItemCaseSensitive(o, "status");
+    const cJSON *amount = cJSON_GetObjectItemCaseSensitive(o, "amount");
+    const cJSON *currency = cJSON_GetObjectItemCaseSensitive(o, "currency");
+    const cJSON *created = cJSON_GetObjectItemCaseSensitive(o, "created");
+    const cJSON *decline = cJSON_GetObjectItemCaseSensitive(o, "decline_code");
+    const cJSON *refunded = cJSON_GetObjectItemCaseSensitive(o, "refunded");
+
+    if (!cJSON_IsString(id) || id->valuestring[0] == '\0' ||
+        !copy_str(p->id, sizeof(p->id), id->valuestring)) {
+        *why = "payment_bad_id";
+        return false;
+    }
+    if (!cJSON_IsString(key) || !copy_str(p->idempotency_key, sizeof(p->idempotency_key),
+                                          key->valuestring)) {
+        *why = "payment_bad_idempotency_key";
+        return false;
+    }
+    if (gid != NULL && strcmp(gid, p->idempotency_key) != 0) {
+        *why = "payment_key_mismatch";
+        return false;
+    }
+    if (!cJSON_IsString(status) || !parse_status(status->valuestring, &p->status)) {
+        *why = "payment_bad_status";
+        return false;
+    }
+    /* A canceled tombstone (cancel of an unknown key) has no amount or
+     * currency: null or absent is accepted there, and only there. */
+    bool tombstone_ok = p->status == PSP_ST_CANCELED;
+    if (tombstone_ok && (amount == NULL || cJSON_IsNull(amount))) {
+        p->amount = 0;
+    } else if (!json_int(amount, &p->amount)) {
+        *why = "payment_bad_amount";
+        return false;
+    }
+    if (tombstone_ok && (currency == NULL || cJSON_IsNull(currency))) {
+        p->currency[0] = '\0';
+    } else if (!cJSON_IsString(currency) || strlen(currency->valuestring) != 3 ||
+               !copy_str(p->currency, sizeof(p->currency), currency->valuestring)) {
+        *why = "payment_bad_currency";
+        return false;
+    }
+    if (!json_int(created, &p->created)) {
+        *why = "payment_bad_created";
+        return false;
+    }
+    if (cJSON_IsString(decline)) {
+        snprintf(p->decline_code, sizeof(p->decline_code), "%s", decline->valuestring);
+    } else if (decline != NULL && !cJSON_IsNull(decline)) {
+        *why = "payment_bad_decline_code";
+        return false;
+    }
+    if (cJSON_IsBool(refunded)) {
+        p->refunded = cJSON_IsTrue(refunded);
+    } else if (refunded != NULL && !cJSON_IsNull(refunded)) {
+        *why = "payment_bad_refunded";
+        return false;
+    }
+    return true;
+}
+
+/* error.code of an error body, or NULL. */
+static const char *error_code(const cJSON *root)
+{
+    const cJSON *err = cJSON_GetObjectItemCaseSensitive(root, "error");
+    const cJSON *code = cJSON_GetObjectItemCaseSensitive(err, "code");
+    return cJSON_IsString(code) ? code->valuestring : NULL;
+}
+
+void psp_classify(const char *gid, long http_status, const char *body, size_t len,
+                  psp_result *res)
+{
+    cJSON *root = NULL;
+    const char *code = NULL;
+    const char *why = NULL;
+
+    res->outcome = PSP_UNKNOWN;
+    res->http_status = http_status;
+    memset(&res->payment, 0, sizeof(res->payment));
+    res->error[0] = '\0';
+
+    if (body != NULL && len > 0)
+        root = cJSON_ParseWithLength(body, len);
+    code = error_code(root);
+
+    switch (http_status) {
+    case 200:
+    case 201:
+        if (root == NULL) {
+            snprintf(res->error, sizeof(res->error), "unparsable_body");
+        } else if (!parse_payment(root, gid, &res->payment, &why)) {
+            memset(&res->payment, 0, sizeof(res->payment));
+            snprintf(res->error, sizeof(res->error), "%s", why);
+        } else {
+            res->outcome = PSP_PAYMENT;
+        }
+        break;
+    case 404:
+        res->outcome = PSP_NOT_FOUND;
+        snprintf(res->error, sizeof(res->error), "%s", code ? code : "not_found");
+        break;
+    case 409:
+        if (code != NULL && strcmp(code, "already_succeeded") == 0) {
+            /* The answer is only useful with the payment it names. */
+            if (parse_payment(cJSON_GetObjectItemCaseSensitive(root, "payment"), gid,
+                              &res->payment, &why)) {
+                res->outcome = PSP_ALREADY_SUCCEEDED;
+                snprintf(res->error, sizeof(res->error), "already_succeeded");
+            } else {
+                memset(&res->payment, 0, sizeof(res->payment));
+                snprintf(res->error, sizeof(res->error), "already_succeeded_%s", why);
+            }
+        } else {
+            res->outcome = PSP_CONFLICT;
+            snprintf(res->error, sizeof(res->error), "%s", code ? code : "conflict");
+        }
+        break;
+    case 400:
+    case 422:
+        res->outcome = PSP_INVALID;
+        snprintf(res->error, sizeof(res->error), "%s", code ? code : "invalid_request");
+        break;
+    case 401:
+    case 403:
+        res->outcome = PSP_AUTH;
+        snprintf(res->error, sizeof(res->error), "%s", code ? code : "unauthorized");
+        break;
+    case 501:
+        res->outcome = PSP_UNSUPPORTED;
+        snprintf(res->error, sizeof(res->error), "%s", code ? code : "not_implemented");
+        break;
+    default:
+        /* 429, 5xx, and anything the contract does not name (3xx: redirects
+         * are off): the outcome is unknown. */
+        if (code != NULL)
+            snprintf(res->error, sizeof(res->error), "http_%ld %s", http_status, code);
+        else
+            snprintf(res->error, sizeof(res->error), "http_%ld", http_status);
+        break;
+    }
+    cJSON_Delete(root);
+}
+
+/* ---- logging ---------------------------------------------------------- */
+
+static void log_result(const psp_req *r)
+{
+    const psp_result *res = &r->res;
+    char gidv[300], what[160] = "", extra[512] = "";
+    char curv[32], idv[160], declv[100], errv[300];
+
+    if (r->call == CALL_CREATE)
+        snprintf(what, sizeof(what), " amount=%" PRId64 " currency=%s", r->amount,
+                 kv(curv, sizeof(curv), r->currency));
+    if (res->outcome == PSP_PAYMENT || res->outcome == PSP_ALREADY_SUCCEEDED) {
+        const psp_payment *p = &res->payment;
+        snprintf(extra, sizeof(extra), " status=%s psp_id=%s%s%s%s", psp_status_name(p->status),
+                 kv(idv, sizeof(idv), p->id), p->decline_code[0] ? " decline_code=" : "",
+                 p->decline_code[0] ? kv(declv, sizeof(declv), p->decline_code) : "",
+                 p->refunded ? " refunded=1" : "");
+    }
+    if (res->outcome == PSP_PAYMENT || res->outcome == PSP_ALREADY_SUCCEEDED ||
+        res->outcome == PSP_NOT_FOUND) {
+        log_info("psp call=%s gid=%s%s http=%ld outcome=%s%s new_conn=%d ms=%.1f",
+                 call_names[r->call], kv(gidv, sizeof(gidv), r->gid), what, res->http_status,
+                 psp_outcome_name(res->outcome), extra, r->new_conn ? 1 : 0, res->elapsed_ms);
+    } else {
+        log_warn("psp call=%s gid=%s%s http=%ld outcome=%s error=%s new_conn=%d ms=%.1f",
+                 call_names[r->call], kv(gidv, sizeof(gidv), r->gid), what, res->http_status,
+                 psp_outcome_name(res->outcome), kv(errv, sizeof(errv), res->error),
+                 r->new_conn ? 1 : 0, res->elapsed_ms);
+    }
+}
+
+/* ---- request objects -------------------------------------------------- */
+
+static CURL *easy_get(psp_client *c)
+{
+    if (c->n_easy_cache > 0) {
+        CURL *e = c->easy_cache[--c->n_easy_cache];
+        curl_easy_reset(e);
+        return e;
+    }
+    return curl_easy_init();
+}
+
+static void easy_put(psp_client *c, CURL *e)
+{
+    if (e == NULL)
+        return;
+    if (!c->closing && c->n_easy_cache < EASY_CACHE_MAX)
+        c->easy_cache[c->n_easy_cache++] = e;
+    else
+        curl_easy_cleanup(e);
+}
+
+/* Free a request that is on no list and not in the multi handle. */
+static void req_release(psp_client *c, psp_req *r)
+{
+    easy_put(c, r->easy);
+    curl_slist_free_all(r->headers);
+    free(r->body);
+    free(r->resp);
+    free(r->gid);
+    free(r);
+}
+
+static size_t write_cb(char *ptr, size_t size, size_t nmemb, void *userdata)
+{
+    psp_req *r = userdata;
+    size_t n = size * nmemb;
+
+    if (n > PSP_MAX_RESPONSE_BODY - r->resp_len) {
+        r->resp_too_big = true;
+        return 0;                       /* != n: curl fails with CURLE_WRITE_ERROR */
+    }
+    if (r->resp_len + n + 1 > r->resp_cap) {
+        size_t cap = r->resp_cap ? r->resp_cap : 1024;
+        while (cap < r->resp_len + n + 1)
+            cap *= 2;
+        char *p = realloc(r->resp, cap);
+        if (p == NULL)
+            return 0;
+        r->resp = p;
+        r->resp_cap = cap;
+    }
+    memcpy(r->resp + r->resp_len, ptr, n);
+    r->resp_len += n;
+    r->resp[r->resp_len] = '\0';
+    return n;
+}
+
+/* Fill r->res from a finished transfer and log it. */
+static void req_finish(psp_req *r, CURLcode code)
+{
+    long http = 0;
+    long connects = 0;
+
+    curl_easy_getinfo(r->easy, CURLINFO_RESPONSE_CODE, &http);
+    if (curl_easy_getinfo(r->easy, CURLINFO_NUM_CONNECTS, &connects) == CURLE_OK && connects > 0) {
+        r->new_conn = true;
+        r->c->stats.connects += (uint64_t)connects;
+    }
+    if (code != CURLE_OK) {
+        /* Connect error, reset, timeout, empty reply, oversized body: the
+         * request may or may not have been processed. Never a decline. */
+        memset(&r->res, 0, sizeof(r->res));
+        r->res.outcome = PSP_UNKNOWN;
+        r->res.http_status = http;
+        if (r->resp_too_big)
+            snprintf(r->res.error, sizeof(r->res.error), "response body over %d bytes",
+                     PSP_MAX_RESPONSE_BODY);
+        else
+            snprintf(r->res.error, sizeof(r->res.error), "%s: %.200s", curl_easy_strerror(code),
+                     r->errbuf[0] ? r->errbuf : "-");
+    } else {
+        psp_classify(r->gid, http, r->resp, r->resp_len, &r->res);
+    }
+    r->res.elapsed_ms = now_ms() - r->start_ms;
+    log_result(r);
+}
+
+/* Complete r without an HTTP answer (add failure, shutdown). */
+static void req_fail(psp_req *r, const char *error)
+{
+    memset(&r->res, 0, sizeof(r->res));
+    r->res.outcome = PSP_UNKNOWN;
+    snprintf(r->res.error, sizeof(r->res.error), "%s", error);
+    r->res.elapsed_ms = now_ms() - r->start_ms;
+    log_result(r);
+}
+
+/*
+ * Fire the callbacks of every DONE request, one at a time, outside any curl
+ * call. Returns true if the client was freed meanwhile (psp_free from a
+ * callback): the caller must not touch it again.
+ */
+static bool run_completions(psp_client *c)
+{
+    psp_req *r;
+
+    c->dispatch_depth++;
+    while ((r = c->done.head) != NULL) {
+        list_unlink(&c->done, r);
+        c->in_flight--;
+        c->stats.completed++;
+        if (r->res.outcome == PSP_UNKNOWN)
+            c->stats.unknown++;
+        r->cb(&r->res, r->arg);
+        req_release(c, r);
+    }
+    c->dispatch_depth--;
+    if (c->dispatch_depth == 0 && c->free_deferred) {
+        free(c);
+        return true;
+    }
+    return false;
+}
+
+/* Collect finished transfers (after socket_action returned), then complete them. */
+static bool drain_multi(psp_client *c)
+{
+    CURLMsg *msg;
+    int left;
+
+    while ((msg = curl_multi_info_read(c->multi, &left)) != NULL) {
+        if (msg->msg != CURLMSG_DONE)
+            continue;
+        CURL *e = msg->easy_handle;           /* msg is invalid after remove */
+        CURLcode code = msg->data.result;
+        char *priv = NULL;
+        curl_easy_getinfo(e, CURLINFO_PRIVATE, &priv);
+        psp_req *r = (psp_req *)priv;
+        curl_multi_remove_handle(c->multi, e);
+        r->in_multi = false;
+        req_finish(r, code);
+        list_unlink(&c->active, r);
+        list_push(&c->done, r);
+    }
+    return run_completions(c);
+}
+
+/* ---- libevent <-> curl glue ------------------------------------------- */
+
+static void sock_event_cb(evutil_socket_t fd, short what, void *arg)
+{
+    psp_client *c = ((psp_sock *)arg)->c;      /* the psp_sock may go away below */
+    int action = ((what & EV_READ) ? CURL_CSELECT_IN : 0) |
+                 ((what & EV_WRITE) ? CURL_CSELECT_OUT : 0);
+    int running = 0;
+
+    CURLMcode mc = curl_multi_socket_action(c->multi, fd, action, &running);
+    if (mc != CURLM_OK)
+        log_error("psp curl_multi_socket_action fd=%d error=\"%s\"", (int)fd,
+                  curl_multi_strerror(mc));
+    (void)drain_multi(c);
+}
+
+static void timer_event_cb(evutil_socket_t fd, short what, void *arg)
+{
+    psp_client *c = arg;
+    int running = 0;
+
+    CURLMcode mc = curl_multi_socket_action(c->multi, CURL_SOCKET_TIMEOUT, 0, &running);
+    if (mc != CURLM_OK)
+        log_error("psp curl_multi_socket_action timeout error=\"%s\"", curl_multi_strerror(mc));
+    (void)drain_multi(c);
+}
+
+static void done_event_cb(evutil_socket_t fd, short what, void *arg)
+{
+    (void)run_completions(arg);
+}
+
+/* CURLMOPT_TIMERFUNCTION: (re)arm or cancel the single timeout. No curl calls here. */
+static int curl_timer_cb(CURLM *multi, long timeout_ms, void *userp)
+{
+    psp_client *c = userp;
+
+    if (timeout_ms < 0) {
+        evtimer_del(c->timer);
+        return 0;
+    }
+    struct timeval tv = { .tv_sec = timeout_ms / 1000, .tv_usec = (timeout_ms % 1000) * 1000 };
+    return evtimer_add(c->timer, &tv) == 0 ? 0 : -1;
+}
+
+static void sock_free(psp_client *c, psp_sock *s)
+{
+    if (s->prev)
+        s->prev->next = s->next;
+    else
+        c->socks = s->next;
+    if (s->next)
+        s->next->prev = s->prev;
+    event_free(s->ev);
+    free(s);
+}
+
+/* CURLMOPT_SOCKETFUNCTION: create, update or free the event for one socket. */
+static int curl_socket_cb(CURL *easy, curl_socket_t fd, int what, void *userp, void *socketp)
+{
+    psp_client *c = userp;
+    psp_sock *s = socketp;
+
+    if (what == CURL_POLL_REMOVE) {
+        if (s != NULL)
+            sock_free(c, s);
+        return 0;
+    }
+    short kind = EV_PERSIST | ((what & CURL_POLL_IN) ? EV_READ : 0) |
+                 ((what & CURL_POLL_OUT) ? EV_WRITE : 0);
+    if (s == NULL) {
+        s = calloc(1, sizeof(*s));
+        if (s == NULL)
+            goto fail;
+        s->c = c;
+        s->fd = fd;
+        s->ev = event_new(c->base, fd, kind, sock_event_cb, s);
+        if (s->ev == NULL) {
+            free(s);
+            goto fail;
+        }
+        s->next = c->socks;
+        if (c->socks)
+            c->socks->prev = s;
+        c->socks = s;
+        curl_multi_assign(c->multi, fd, s);
+    } else {
+        event_del(s->ev);
+        if (event_assign(s->ev, c->base, fd, kind, sock_event_cb, s) != 0)
+            goto fail;
+    }
+    if (event_add(s->ev, NULL) != 0)
+        goto fail;
+    return 0;
+fail:
+    log_error("psp cannot watch socket fd=%d", (int)fd);
+    return -1;
+}
+
+/* ---- client ----------------------------------------------------------- */
+
+/* Host of a URL is an IPv4/IPv6 literal (no resolver needed). */
+static bool host_is_ip_literal(const char *host)
+{
+    unsigned char buf[sizeof(struct in6_addr)];
+    char tmp[64];
+    size_t n = strlen(host);
+
+    if (inet_pton(AF_INET, host, buf) == 1)
+        return true;
+    if (n >= 2 && n < sizeof(tmp) && host[0] == '[' && host[n - 1] == ']') {
+        memcpy(tmp, host + 1, n - 2);
+        tmp[n - 2] = '\0';
+        char *pct = strchr(tmp, '%');         /* zone id */
+        if (pct)
+            *pct = '\0';
+        return inet_pton(AF_INET6, tmp, buf) == 1;
+    }
+    return false;
+}
+
+psp_client *psp_new(struct event_base *base, const psp_config *cfg)
+{
+    psp_client *c = NULL;
+    CURLU *u = NULL;
+    char *scheme = NULL, *host = NULL, *port = NULL;
+    bool ok = false;
+    const char *why = "out of memory";
+
+    if (base == NULL || cfg == NULL || cfg->base_url == NULL || cfg->token == NULL) {
+        why = "missing base, config, base_url or token";
+        goto out;
+    }
+    if (cfg->token[0] == '\0') {
+        why = "empty processor token";
+        goto out;
+    }
+    for (const char *p = cfg->token; *p; p++)
+        if (*p < ' ' || *p == 0x7f) {
+            why = "processor token contains control characters";
+            goto out;
+        }
+
+    c = calloc(1, sizeof(*c));
+    if (c == NULL)
+        goto out;
+    /* Reference-counted: harmless when main() already did it. */
+    if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK) {
+        why = "curl_global_init failed";
+        goto out;
+    }
+    c->curl_global = true;
+
+    u = curl_url();
+    if (u == NULL || curl_url_set(u, CURLUPART_URL, cfg->base_url, 0) != CURLUE_OK ||
+        curl_url_get(u, CURLUPART_SCHEME, &scheme, 0) != CURLUE_OK ||
+        curl_url_get(u, CURLUPART_HOST, &host, 0) != CURLUE_OK) {
+        why = "processor_url is not a valid URL";
+        goto out;
+    }
+    if (curl_url_get(u, CURLUPART_PORT, &port, CURLU_DEFAULT_PORT) != CURLUE_OK)
+        port = NULL;
+    if (strcasecmp(scheme, "http") != 0 && strcasecmp(scheme, "https") != 0) {
+        why = "processor_url scheme is not http or https";
+        goto out;
+    }
+    if (strpbrk(cfg->base_url, "?#") != NULL) {
+        why = "processor_url must not have a query or fragment";
+        goto out;
+    }
+
+    c->base = base;
+    c->verify_peer = cfg->verify_peer;
+    c->connect_timeout_ms = cfg->connect_timeout_ms > 0 ? cfg->connect_timeout_ms
+                                                        : DEFAULT_CONNECT_TIMEOUT_MS;
+    c->request_timeout_ms = cfg->request_timeout_ms > 0 ? cfg->request_timeout_ms
+                                                        : DEFAULT_REQUEST_TIMEOUT_MS;
+    if (cfg->connect_timeout_ms <= 0 || cfg->request_timeout_ms <= 0)
+        log_warn("psp timeouts not set, using connect_timeout_ms=%ld request_timeout_ms=%ld",
+                 c->connect_timeout_ms, c->request_timeout_ms);
+
+    size_t ulen = strlen(cfg->base_url);
+    while (ulen > 0 && cfg->base_url[ulen - 1] == '/')
+        ulen--;
+    c->base_url = strndup(cfg->base_url, ulen);
+    size_t alen = strlen("Authorization: Bearer ") + strlen(cfg->token) + 1;
+    c->auth_header = malloc(alen);
+    if (c->base_url == NULL || c->auth_header == NULL)
+        goto out;
+    snprintf(c->auth_header, alen, "Authorization: Bearer %s", cfg->token);
+
+    c->timer = evtimer_new(base, timer_event_cb, c);
+    c->done_ev = evtimer_new(base, done_event_cb, c);
+    c->multi = curl_multi_init();
+    if (c->timer == NULL || c->done_ev == NULL || c->multi == NULL)
+        goto out;
+    if (curl_multi_setopt(c->multi, CURLMOPT_SOCKETFUNCTION, curl_socket_cb) != CURLM_OK ||
+        curl_multi_setopt(c->multi, CURLMOPT_SOCKETDATA, c) != CURLM_OK ||
+        curl_multi_setopt(c->multi, CURLMOPT_TIMERFUNCTION, curl_timer_cb) != CURLM_OK ||
+        curl_multi_setopt(c->multi, CURLMOPT_TIMERDATA, c) != CURLM_OK)
+        goto out;
+    if (cfg->max_connections > 0) {
+        /* Transfers beyond the limit queue inside curl (their timeout runs);
+         * the cache keeps every allowed connection alive for reuse. */
+        if (curl_multi_setopt(c->multi, CURLMOPT_MAX_TOTAL_CONNECTIONS,
+                              cfg->max_connections) != CURLM_OK ||
+            curl_multi_setopt(c->multi, CURLMOPT_MAXCONNECTS, cfg->max_connections) != CURLM_OK)
+            goto out;
+    }
+
+    /*
+     * Name resolution must not block the loop. Debian's libcurl uses the
+     * threaded resolver (CURL_VERSION_ASYNCHDNS); a build without it resolves
+     * inside curl_multi_socket_action, blocking the loop for the length of a
+     * DNS lookup, so processor_url must then be an IP literal.
+     */
+    curl_version_info_data *vi = curl_version_info(CURLVERSION_NOW);
+    bool async_dns = (vi->features & CURL_VERSION_ASYNCHDNS) != 0;
+    bool ip_literal = host_is_ip_literal(host);
+    if (!async_dns)
+        log_warn("psp libcurl resolver is synchronous (no CURL_VERSION_ASYNCHDNS): "
+                 "processor_url should be an IP literal%s",
+                 ip_literal ? "" : "; DNS lookups will block the event loop");
+    if (strcasecmp(scheme, "http") == 0 && !ip_literal && strcasecmp(host, "localhost") != 0)
+        log_warn("psp processor_url uses plain http to a non-literal host=%s", host);
+    else if (strcasecmp(scheme, "http") == 0 && ip_literal && strncmp(host, "127.", 4) != 0 &&
+             strcmp(host, "[::1]") != 0)
+        log_warn("psp processor_url uses plain http to a non-loopback host=%s", host);
+    if (!cfg->verify_peer && strcasecmp(scheme, "https") == 0)
+        log_warn("psp TLS peer verification is OFF for host=%s", host);
+
+    /* scheme://host:port only: never log userinfo or the token. */
+    log_info("psp client scheme=%s host=%s port=%s connect_timeout_ms=%ld request_timeout_ms=%ld "
+             "max_connections=%ld verify_peer=%d async_dns=%d curl=%s",
+             scheme, host, port ? port : "-", c->connect_timeout_ms, c->request_timeout_ms,
+             cfg->max_connections, cfg->verify_peer ? 1 : 0, async_dns ? 1 : 0, vi->version);
+    ok = true;
+out:
+    curl_free(scheme);
+    curl_free(host);
+    curl_free(port);
+    curl_url_cleanup(u);
+    if (!ok) {
+        log_error("psp_new failed: %s", why);
+        psp_free(c);
+        c = NULL;
+    }
+    return c;
+}
+
+void psp_free(psp_client *c)
+{
+    psp_req *r;
+
+    if (c == NULL || c->closing)
+        return;
+    c->closing = true;
+
+    /* Abort every transfer; its callback fires now with "shutdown". */
+    while ((r = c->active.head) != NULL) {
+        if (r->in_multi) {
+            curl_multi_remove_handle(c->multi, r->easy);
+            r->in_multi = false;
+        }
+        req_fail(r, "shutdown");
+        list_unlink(&c->active, r);
+        list_push(&c->done, r);
+    }
+    /* Requests already DONE keep the answer they got. */
+    c->dispatch_depth++;                /* keep c alive across these callbacks */
+    (void)run_completions(c);
+    c->dispatch_depth--;
+
+    for (int i = 0; i < c->n_easy_cache; i++)
+        curl_easy_cleanup(c->easy_cache[i]);
+    c->n_easy_cache = 0;
+    if (c->multi != NULL)
+        curl_multi_cleanup(c->multi);  /* may report CURL_POLL_REMOVE for cached connections */
+    c->multi = NULL;
+    while (c->socks != NULL)
+        sock_free(c, c->socks);
+    if (c->timer)
+        event_free(c->timer);
+    if (c->done_ev)
+        event_free(c->done_ev);
+    c->timer = c->done_ev = NULL;
+    free(c->base_url);
+    free(c->auth_header);
+    c->base_url = c->auth_header = NULL;
+    if (c->curl_global)
+        curl_global_cleanup();
+    c->curl_global = false;
+
+    if (c->dispatch_depth > 0)
+        c->free_deferred = true;        /* called from a callback: freed on unwind */
+    else
+        free(c);
+}
+
+int psp_in_flight(const psp_client *c)
+{
+    return c->in_flight;
+}
+
+void psp_get_stats(const psp_client *c, psp_stats *out)
+{
+    *out = c->stats;
+}
+
+/* Append "name: value" to the header list; false on allocation failure. */
+static bool add_header(struct curl_slist **list, const char *line)
+{
+    struct curl_slist *n = curl_slist_append(*list, line);
+    if (n == NULL)
+        return false;
+    *list = n;
+    return true;
+}
+
+/*
+ * Start one call. body is owned by the request from here on (freed on every
+ * path). Returns 0 when the callback will fire, -1 (logged) when it will not.
+ */
+static int submit(psp_client *c, psp_call call, const char *gid, const psp_create_req *creq,
+                  char *body, psp_cb cb, void *arg)
+{
+    psp_req *r = NULL;
+    char *esc = NULL, *url = NULL, *idem = NULL;
+    char gidv[300];
+    int rc = -1;
+    CURLcode cc = CURLE_OK;
+    const char *why = "out of memory";
+
+    if (c == NULL || cb == NULL) {
+        why = "no client or no callback";
+        goto out;
+    }
+    if (c->closing) {
+        why = "client shutting down";
+        goto out;
+    }
+    if (!gid_valid(gid)) {
+        why = "gid must be 1..255 printable characters without spaces";
+        goto out;
+    }
+
+    r = calloc(1, sizeof(*r));
+    if (r == NULL)
+        goto out;
+    r->c = c;
+    r->call = call;
+    r->cb = cb;
+    r->arg = arg;
+    r->body = body;
+    body = NULL;
+    r->gid = strdup(gid);
+    r->easy = easy_get(c);
+    if (r->gid == NULL || r->easy == NULL)
+        goto out;
+    if (creq != NULL) {
+        r->amount = creq->amount;
+        snprintf(r->currency, sizeof(r->currency), "%s", creq->currency);
+    }
+
+    esc = curl_easy_escape(r->easy, gid, 0);
+    if (esc == NULL)
+        goto out;
+    size_t ulen = strlen(c->base_url) + strlen(esc) + 64;
+    url = malloc(ulen);
+    if (url == NULL)
+        goto out;
+    switch (call) {
+    case CALL_CREATE: snprintf(url, ulen, "%s/v1/payments", c->base_url); break;
+    case CALL_GET: snprintf(url, ulen, "%s/v1/payments/%s", c->base_url, esc); break;
+    case CALL_CANCEL: snprintf(url, ulen, "%s/v1/payments/%s/cancel", c->base_url, esc); break;
+    case CALL_REFUND: snprintf(url, ulen, "%s/v1/payments/%s/refund", c->base_url, esc); break;
+    }
+
+    if (call == CALL_CREATE || call == CALL_REFUND) {
+        size_t ilen = strlen("Idempotency-Key: refund:") + strlen(gid) + 1;
+        idem = malloc(ilen);
+        if (idem == NULL)
+            goto out;
+        snprintf(idem, ilen, "Idempotency-Key: %s%s", call == CALL_REFUND ? "refund:" : "", gid);
+    }
+    if (!add_header(&r->headers, c->auth_header) ||
+        !add_header(&r->headers, "Content-Type: application/json") ||
+        !add_header(&r->headers, "Accept: application/json") ||
+        !add_header(&r->headers, "Expect:") ||
+        (idem != NULL && !add_header(&r->headers, idem)))
+        goto out;
+
+#define SETOPT(opt, val) \
+    do { if ((cc = curl_easy_setopt(r->easy, opt, val)) != CURLE_OK) goto setopt_failed; } while (0)
+    SETOPT(CURLOPT_URL, url);
+    SETOPT(CURLOPT_PRIVATE, (void *)r);
+    SETOPT(CURLOPT_ERRORBUFFER, r->errbuf);
+    SETOPT(CURLOPT_NOSIGNAL, 1L);
+    SETOPT(CURLOPT_HTTP_VERSION, (long)CURL_HTTP_VERSION_1_1);
+    SETOPT(CURLOPT_TCP_NODELAY, 1L);
+    SETOPT(CURLOPT_FOLLOWLOCATION, 0L);
+#if LIBCURL_VERSION_NUM >= 0x075500
+    SETOPT(CURLOPT_PROTOCOLS_STR, "http,https");
+#else
+    SETOPT(CURLOPT_PROTOCOLS, (long)(CURLPROTO_HTTP | CURLPROTO_HTTPS));
+#endif
+    SETOPT(CURLOPT_CONNECTTIMEOUT_MS, c->connect_timeout_ms);
+    SETOPT(CURLOPT_TIMEOUT_MS, c->request_timeout_ms);
+    SETOPT(CURLOPT_SSL_VERIFYPEER, c->verify_peer ? 1L : 0L);
+    SETOPT(CURLOPT_SSL_VERIFYHOST, c->verify_peer ? 2L : 0L);
+    SETOPT(CURLOPT_HTTPHEADER, r->headers);
+    SETOPT(CURLOPT_USERAGENT, "paycoord/" PAYCOORD_VERSION);
+    SETOPT(CURLOPT_WRITEFUNCTION, write_cb);
+    SETOPT(CURLOPT_WRITEDATA, (void *)r);
+    if (call == CALL_GET) {
+        SETOPT(CURLOPT_HTTPGET, 1L);
+    } else {
+        SETOPT(CURLOPT_POST, 1L);
+        SETOPT(CURLOPT_POSTFIELDS, r->body);
+        SETOPT(CURLOPT_POSTFIELDSIZE, (long)strlen(r->body));
+    }
+#undef SETOPT
+
+    r->start_ms = now_ms();
+    list_push(&c->active, r);
+    c->in_flight++;
+    c->stats.started++;
+    log_debug("psp call=%s gid=%s start in_flight=%d", call_names[call],
+              kv(gidv, sizeof(gidv), gid), c->in_flight);
+
+    CURLMcode mc = curl_multi_add_handle(c->multi, r->easy);
+    if (mc == CURLM_OK) {
+        r->in_multi = true;
+    } else {
+        /* The callback must not fire inside this call: defer it. */
+        char err[128];
+        snprintf(err, sizeof(err), "curl_multi_add_handle: %s", curl_multi_strerror(mc));
+        req_fail(r, err);
+        list_unlink(&c->active, r);
+        list_push(&c->done, r);
+        static const struct timeval zero = { 0, 0 };
+        evtimer_add(c->done_ev, &zero);
+    }
+    r = NULL;                           /* owned by the client now */
+    rc = 0;
+    goto out;
+
+setopt_failed:
+    why = curl_easy_strerror(cc);
+out:
+    if (rc != 0)
+        log_msg(c != NULL && c->closing ? PCLOG_WARNING : PCLOG_ERR,
+                "psp call=%s gid=%s rejected: %s", call_names[call],
+                kv(gidv, sizeof(gidv), gid ? gid : ""), why);
+    if (r != NULL)
+        req_release(c, r);
+    free(body);
+    free(idem);
+    free(url);
+    curl_free(esc);
+    return rc;
+}
+
+int psp_create(psp_client *c, const psp_create_req *req, psp_cb cb, void *arg)
+{
+    cJSON *o = NULL;
+    char *body = NULL;
+    char amount[32];
+
+    if (req == NULL || req->currency == NULL || req->account == NULL) {
+        log_error("psp call=create rejected: missing request, currency or account");
+        return -1;
+    }
+    o = cJSON_CreateObject();
+    if (o == NULL)
+        goto out;
+    /* Amount as raw digits: cJSON numbers are doubles and print large
+     * integers in exponent form. */
+    snprintf(amount, sizeof(amount), "%" PRId64, req->amount);
+    if (cJSON_AddStringToObject(o, "idempotency_key", req->gid ? req->gid : "") == NULL ||
+        cJSON_AddRawToObject(o, "amount", amount) == NULL ||
+        cJSON_AddStringToObject(o, "currency", req->currency) == NULL ||
+        cJSON_AddStringToObject(o, "account", req->account) == NULL)
+        goto out;
+    if (req->reference != NULL && cJSON_AddStringToObject(o, "reference", req->reference) == NULL)
+        goto out;
+    if (req->metadata != NULL) {
+        cJSON *m = cJSON_Duplicate(req->metadata, true);
+        if (m == NULL)
+            goto out;
+        if (!cJSON_AddItemToObject(o, "metadata", m)) {
+            cJSON_Delete(m);
+            goto out;
+        }
+    }
+    body = cJSON_PrintUnformatted(o);
+out:
+    cJSON_Delete(o);
+    if (body == NULL) {
+        log_error("psp call=create rejected: cannot build the request body");
+        return -1;
+    }
+    return submit(c, CALL_CREATE, req->gid, req, body, cb, arg);
+}
+
+/* Body-less POSTs still send "{}" so every request is valid JSON. */
+static int submit_simple(psp_client *c, psp_call call, const char *gid, psp_cb cb, void *arg)
+{
+    char *body = strdup(call == CALL_GET ? "" : "{}");
+    if (body == NULL)
+        return -1;
+    return submit(c, call, gid, NULL, body, cb, arg);
+}
+
+int psp_get(psp_client *c, const char *gid, psp_cb cb, void *arg)
+{
+    return submit_simple(c, CALL_GET, gid, cb, arg);
+}
+
+int psp_cancel(psp_client *c, const char *gid, psp_cb cb, void *arg)
+{
+    return submit_simple(c, CALL_CANCEL, gid, cb, arg);
+}
+
+int psp_refund(psp_client *c, const char *gid, psp_cb cb, void *arg)
+{
+    return submit_simple(c, CALL_REFUND, gid, cb, arg);
+}

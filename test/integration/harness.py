@@ -1,0 +1,380 @@
+"""Integration harness: a throwaway PostgreSQL, the test processor, the real
+paycoord binary, a protocol client, and the invariant checker (DESIGN.md I1-I7)
+that every integration test ends with."""
+
+import itertools
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+
+import psycopg
+
+SRC = os.environ.get("PAYCOORD_SRC") or os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+BUILD = os.environ.get("PAYCOORD_BUILD") or os.path.join(SRC, "build")
+PAYCOORD_BIN = os.environ.get("PAYCOORD_BIN") or os.path.join(BUILD, "coordinator", "paycoord")
+PSP_SIM = os.environ.get("PSP_SIM") or os.path.join(BUILD, "test", "processor", "psp-sim")
+PG_SH = os.path.join(SRC, "test", "pg.sh")
+TOKEN = "test-token-0123456789"
+
+
+def wait_for(pred, timeout=10.0, interval=0.02, what="condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+# --------------------------------------------------------------- PostgreSQL
+
+class Postgres:
+    """A private cluster made by test/pg.sh, Unix socket only."""
+
+    def __init__(self, max_prepared=1000):
+        self.dir = tempfile.mkdtemp(prefix="pc-it-pg-")
+        os.chmod(self.dir, 0o755)
+        self.env = dict(os.environ, PC_PG_MAX_PREPARED=str(max_prepared), PC_PG_FSYNC="off")
+        self.sock = os.path.join(self.dir, "sock")
+        self.conninfo = f"host={self.sock} dbname=paycoord user=postgres"
+
+    def _pg(self, *args):
+        subprocess.run([PG_SH, *args, self.dir], check=True, env=self.env,
+                       stdout=subprocess.DEVNULL)
+
+    def start(self):
+        self._pg("start")
+
+    def migrate(self):
+        self._pg("migrate")
+
+    def stop(self):
+        self._pg("stop")
+
+    def kill(self):
+        self._pg("kill")
+
+    def restart(self):
+        self._pg("restart")
+
+    def destroy(self):
+        try:
+            self.stop()
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def connect(self):
+        return psycopg.connect(self.conninfo, autocommit=True)
+
+    def query(self, sql, params=None):
+        with self.connect() as c:
+            return c.execute(sql, params).fetchall()
+
+    def reset(self):
+        """Empty every table and drop leftover prepared transactions."""
+        with self.connect() as c:
+            for (gid,) in c.execute("SELECT gid FROM pg_prepared_xacts").fetchall():
+                c.execute(f"ROLLBACK PREPARED '{gid}'")
+            c.execute("TRUNCATE ledger, payments, credits, resolutions, accounts")
+
+
+# --------------------------------------------------------------- processor
+
+class Processor:
+    """The test processor (psp-sim) and its control endpoint."""
+
+    def __init__(self, workdir):
+        self.workdir = workdir
+        self.token_file = os.path.join(workdir, "psp-token")
+        with open(self.token_file, "w") as f:
+            f.write(TOKEN + "\n")
+        os.chmod(self.token_file, 0o600)
+        self.proc = None
+        self.port = self.control_port = None
+
+    def start(self, port=0):
+        self.proc = subprocess.Popen(
+            [PSP_SIM, "--port", str(port), "--control-port", "0", "--token-file", self.token_file, "--quiet"],
+            stdout=subprocess.PIPE, stderr=open(os.path.join(self.workdir, "psp-sim.log"), "ab"), text=True)
+        line = self.proc.stdout.readline()
+        m = re.search(r"port=(\d+) control_port=(\d+)", line)
+        assert m, f"psp-sim did not start: {line!r}"
+        self.port, self.control_port = int(m.group(1)), int(m.group(2))
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}"
+
+    def _req(self, method, path, body=None, port=None, auth=False):
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(f"http://127.0.0.1:{port or self.control_port}{path}", data=data,
+                                     method=method, headers={"Content-Type": "application/json"})
+        if auth:
+            req.add_header("Authorization", f"Bearer {TOKEN}")
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return r.status, json.loads(r.read() or b"null")
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"null")
+
+    def faults(self, **kw):
+        st, body = self._req("POST", "/control", kw)
+        assert st == 200, body
+        return body
+
+    def reset(self, payments=True):
+        st, _ = self._req("POST", "/control/reset?payments=1" if payments else "/control/reset", {})
+        assert st == 200
+
+    def counters(self):
+        return self._req("GET", "/control")[1]["counters"]
+
+    def get(self, gid):
+        return self._req("GET", "/v1/payments/" + urllib.request.quote(gid, safe=""), port=self.port, auth=True)
+
+    def create(self, gid, amount, currency, account):
+        body = {"idempotency_key": gid, "amount": amount, "currency": currency, "account": account}
+        data = json.dumps(body).encode()
+        req = urllib.request.Request(f"{self.url}/v1/payments", data=data, method="POST",
+                                     headers={"Content-Type": "application/json", "Idempotency-Key": gid,
+                                              "Authorization": f"Bearer {TOKEN}"})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"null")
+
+    def all_payments(self):
+        """Every payment the processor holds, through the contract's list call."""
+        out, after = [], None
+        while True:
+            q = "/v1/payments?created_gte=0&created_lt=9999999999&limit=1000"
+            if after:
+                q += "&starting_after=" + after
+            st, body = self._req("GET", q, port=self.port, auth=True)
+            assert st == 200, body
+            out.extend(body["data"])
+            if not body["has_more"]:
+                return out
+            after = body["data"][-1]["id"]
+
+
+# --------------------------------------------------------------- daemon
+
+class Client:
+    """One connection speaking NDJSON; responses matched by id."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, path, timeout=30.0):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(path)
+        self.buf = b""
+        self.pending = {}
+
+    def close(self):
+        self.sock.close()
+
+    def send_raw(self, data: bytes):
+        self.sock.sendall(data)
+
+    def read_line(self):
+        while b"\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("daemon closed the connection")
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return json.loads(line)
+
+    def send(self, op, **fields):
+        rid = next(self._ids)
+        self.sock.sendall((json.dumps({"id": rid, "op": op, **fields}) + "\n").encode())
+        return rid
+
+    def wait(self, rid):
+        while rid not in self.pending:
+            msg = self.read_line()
+            self.pending[msg["id"]] = msg
+        return self.pending.pop(rid)
+
+    def call(self, op, **fields):
+        return self.wait(self.send(op, **fields))
+
+    def ok(self, op, **fields):
+        r = self.call(op, **fields)
+        assert r.get("ok") is True, r
+        return r["result"]
+
+
+class Daemon:
+    def __init__(self, workdir, pg, psp, **settings):
+        self.workdir = workdir
+        self.pg, self.psp = pg, psp
+        self.socket = os.path.join(workdir, "paycoord.sock")
+        self.config = os.path.join(workdir, "paycoord.conf")
+        self.log = os.path.join(workdir, "paycoord.log")
+        self.settings = {
+            "listen_socket": self.socket,
+            "db_conninfo": pg.conninfo,
+            "pool_size": 4,
+            "node_id": "t1",
+            "processor_url": psp.url if psp else "http://127.0.0.1:9",
+            "processor_token_file": psp.token_file if psp else "",
+            "processor_timeout_ms": 2000,
+            "processor_retry_base_ms": 20,
+            "processor_poll_ms": 50,
+            "pay_wait_ms": 10000,
+            "payment_deadline_ms": 5000,
+            "drain_timeout_ms": 3000,
+            "log_level": "info",
+        }
+        self.settings.update(settings)
+        self.proc = None
+        self.env = {}
+
+    def write_config(self):
+        with open(self.config, "w") as f:
+            for k, v in self.settings.items():
+                f.write(f"{k} = {v}\n")
+
+    def start(self, wait_ready=True, env=None):
+        self.write_config()
+        e = dict(os.environ)
+        e.update(env or {})
+        self.proc = subprocess.Popen([PAYCOORD_BIN, "--config", self.config], env=e,
+                                     stdout=subprocess.DEVNULL, stderr=open(self.log, "ab"))
+        wait_for(lambda: os.path.exists(self.socket) or self.proc.poll() is not None, what="daemon socket")
+        assert self.proc.poll() is None, f"daemon exited: {self.tail()}"
+        if wait_ready:
+            wait_for(lambda: self._ready(), timeout=15, what="daemon ready")
+        return self
+
+    def _ready(self):
+        try:
+            c = Client(self.socket, timeout=5)
+            try:
+                return c.call("health")["result"]["ready"]
+            finally:
+                c.close()
+        except (OSError, ConnectionError):
+            return False
+
+    def client(self, timeout=30.0):
+        return Client(self.socket, timeout)
+
+    def stop(self, expect_rc=0):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            rc = self.proc.wait(30)
+            assert rc == expect_rc, f"daemon exit code {rc}: {self.tail()}"
+
+    def kill9(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def tail(self, n=40):
+        try:
+            with open(self.log, errors="replace") as f:
+                return "".join(f.readlines()[-n:])
+        except OSError:
+            return ""
+
+    def log_text(self):
+        with open(self.log, errors="replace") as f:
+            return f.read()
+
+
+# --------------------------------------------------------------- invariants
+
+FINAL = {"succeeded", "declined", "insufficient_funds"}
+
+
+def check_invariants(pg, psp, answers=None, allow_pending=False, node="t1"):
+    """DESIGN.md I1-I7 against the database and the processor's own list.
+
+    answers: {idempotency_key: final status a client was told} (I6).
+    allow_pending: payments still legitimately unsettled (I2/I5 then checked
+    only for the settled ones)."""
+    with pg.connect() as c:
+        accounts = c.execute("SELECT id, balance FROM accounts").fetchall()
+        ledger = dict(c.execute("SELECT account_id, sum(amount) FROM ledger GROUP BY account_id").fetchall())
+        credits = dict(c.execute(
+            "SELECT account_id, sum(amount) FROM credits WHERE status = 'applied' GROUP BY account_id").fetchall())
+        debits = dict(c.execute(
+            "SELECT account_id, sum(amount) FROM payments WHERE status = 'succeeded' GROUP BY account_id").fetchall())
+        payments = c.execute(
+            "SELECT idempotency_key, gid, status, amount, account_id FROM payments").fetchall()
+        debit_rows = dict(c.execute(
+            "SELECT p.gid, count(l.*) FROM payments p LEFT JOIN ledger l ON l.payment_id = p.payment_id "
+            "GROUP BY p.gid").fetchall())
+        prepared = [g for (g,) in c.execute("SELECT gid FROM pg_prepared_xacts WHERE gid LIKE 'pc:%'").fetchall()]
+        applied_credit_rows = c.execute(
+            "SELECT count(*) FROM credits c WHERE status = 'applied' AND "
+            "(SELECT count(*) FROM ledger l WHERE l.credit_id = c.credit_id) <> 1").fetchone()[0]
+
+    # I4: no balance negative.
+    for acct, bal in accounts:
+        assert bal >= 0, f"I4: account {acct} balance {bal} < 0"
+    # I1: conservation, ledger sums to balance.
+    for acct, bal in accounts:
+        assert ledger.get(acct, 0) == bal, f"I1: ledger of {acct} sums to {ledger.get(acct, 0)}, balance {bal}"
+        assert credits.get(acct, 0) - debits.get(acct, 0) == bal, \
+            f"I1: {acct}: credits {credits.get(acct, 0)} - debits {debits.get(acct, 0)} != balance {bal}"
+    assert applied_credit_rows == 0, "I1: an applied credit without exactly one ledger entry"
+
+    psp_list = psp.all_payments() if psp else []
+    by_gid = {}
+    for p in psp_list:
+        assert p["idempotency_key"] not in by_gid, f"I3: processor holds key {p['idempotency_key']} twice"
+        by_gid[p["idempotency_key"]] = p
+    ours = {gid: (key, status, amount) for key, gid, status, amount, _ in payments}
+    keys_seen = {}
+    for key, gid, status, amount, acct in payments:
+        assert key not in keys_seen, f"I3: idempotency key {key} has two payments"
+        keys_seen[key] = gid
+        psp_p = by_gid.get(gid)
+        charged = psp_p is not None and psp_p["status"] == "succeeded"
+        if status == "succeeded":
+            # I2: committed debit <=> processor succeeded.
+            assert charged, f"I2: {gid} committed but processor says {psp_p and psp_p['status']}"
+            assert psp_p["amount"] == amount, f"I2: {gid} amount {amount} but processor charged {psp_p['amount']}"
+            assert debit_rows.get(gid) == 1, f"I1: {gid} succeeded with {debit_rows.get(gid)} ledger debits"
+        elif status in ("declined", "insufficient_funds"):
+            assert not charged, f"I2: {gid} is {status} but the processor charged it (money lost)"
+            assert debit_rows.get(gid, 0) == 0, f"I1: {gid} {status} but has a ledger debit"
+            if status == "insufficient_funds":
+                assert psp_p is None, f"insufficient_funds {gid} reached the processor"
+        else:
+            assert allow_pending, f"I5: payment {gid} ({key}) still pending"
+    # I3 (no charge without a committed debit): every processor charge is one of our succeeded payments.
+    for gid, p in by_gid.items():
+        if p["status"] == "succeeded":
+            assert gid in ours, f"I3: processor charged {gid}, which has no payment row"
+            if not allow_pending:
+                assert ours[gid][1] == "succeeded", f"I2: processor charged {gid} but payment is {ours[gid][1]}"
+    # I5: no orphan prepared transactions left.
+    if not allow_pending:
+        assert prepared == [], f"I5: prepared transactions left: {prepared[:5]}"
+    # I6: every final answer a client got is still the answer.
+    if answers:
+        stored = {key: status for key, _, status, _, _ in payments}
+        for key, status in answers.items():
+            assert stored.get(key) == status, f"I6: {key} was answered {status}, now {stored.get(key)}"
+    return {"accounts": len(accounts), "payments": len(payments), "processor": len(psp_list)}

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# run-tests.sh - the whole test suite, as the README gives it and .ci/run runs it:
+# installs missing Debian packages, then for a plain build and an ASan+UBSan
+# build: configure, build (warnings are errors when CI=true), and run every
+# test through ctest (unit tests, the test processor's tests, the pytest
+# integration suite against real PostgreSQL, the test processor and the daemon).
+#   test/run-tests.sh            both builds
+#   PC_TEST_BUILDS=plain test/run-tests.sh   only the plain build
+set -euo pipefail
+src=$(cd "$(dirname "$0")/.." && pwd)
+"$src/.ci/install-deps"
+builds=${PC_TEST_BUILDS:-"plain sanitize"}
+jobs=$(nproc)
+for b in $builds; do
+    dir="$src/build-test-$b"
+    opts=(-DCMAKE_BUILD_TYPE=RelWithDebInfo)
+    [ "$b" = sanitize ] && opts+=(-DPAYCOORD_SANITIZE=ON -DCMAKE_BUILD_TYPE=Debug)
+    [ "${CI:-}" = true ] && opts+=(-DPAYCOORD_WERROR=ON)
+    echo "=== $b build: configure"
+    cmake -S "$src" -B "$dir" "${opts[@]}" >/dev/null
+    echo "=== $b build: compile"
+    cmake --build "$dir" -j"$jobs" -- --no-print-directory >/dev/null || cmake --build "$dir" -j1
+    echo "=== $b build: ctest"
+    export ASAN_OPTIONS=${ASAN_OPTIONS:-abort_on_error=0:detect_leaks=1}
+    export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
+    (cd "$dir" && ctest --output-on-failure --timeout 900)
+done
+echo "=== all test builds passed: $builds"
