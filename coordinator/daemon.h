@@ -52,6 +52,7 @@ typedef struct pc_daemon {
     const char *config_path;
     char *token;
     pgpool *pool;
+    pgpool *lockpool;              /* one session holding the node's advisory lock */
     psp_client *psp;
 
     bool shutting_down;
@@ -97,14 +98,26 @@ void pay_handle_credit(pc_request *r);
 void pay_handle_balance(pc_request *r);
 void pay_handle_account_open(pc_request *r);
 void pay_db_state_changed(bool up);
+bool pay_gid_is_live(const char *gid);
+
+/* recovery/recovery.c */
+int rec_init(void) PC_MUSTCHECK;
+void rec_shutdown(void);
+bool rec_node_locked(void);          /* we hold our node's advisory lock */
+bool rec_busy(void);                 /* a recovery pass is running */
+void rec_handle_prepared(pc_request *r);
+void rec_handle_resolve(pc_request *r);
+void rec_handle_recover(pc_request *r);
 
 /* Test-build crash points (docs/failure-modes.md): PAYCOORD_FAILPOINT=name
- * makes the daemon _exit(99) on reaching that point. */
+ * makes the daemon _exit(99) on reaching that point, for any payment or only
+ * for the payment whose idempotency key is PAYCOORD_FAILPOINT_KEY. */
 #ifdef PAYCOORD_FAILPOINTS
-void failpoint(const char *name);
-#define FAILPOINT(name) failpoint(name)
+void failpoint(const char *name, const char *key);
+bool failpoint_armed(const char *name, const char *key);
+#define FAILPOINT(name, key) failpoint(name, key)
 #else
-#define FAILPOINT(name) ((void)0)
+#define FAILPOINT(name, key) ((void)0)
 #endif
 
 #endif

@@ -53,11 +53,17 @@ void pc_format_time(int64_t wall_ms, char out[32])
 }
 
 #ifdef PAYCOORD_FAILPOINTS
-static const char *failpoint_name;
-void failpoint(const char *name)
+static const char *failpoint_name, *failpoint_key;
+bool failpoint_armed(const char *name, const char *key)
 {
-    if (failpoint_name && strcmp(failpoint_name, name) == 0) {
-        log_error("event=failpoint name=%s action=_exit", name);
+    return failpoint_name && strcmp(failpoint_name, name) == 0 &&
+           (!failpoint_key || (key && strcmp(failpoint_key, key) == 0));
+}
+
+void failpoint(const char *name, const char *key)
+{
+    if (failpoint_armed(name, key)) {
+        log_error("event=failpoint name=%s key=%s action=_exit", name, key ? key : "-");
         fflush(stderr);
         _exit(99);
     }
@@ -203,6 +209,9 @@ int main(int argc, char **argv)
     failpoint_name = getenv("PAYCOORD_FAILPOINT");
     if (failpoint_name && !failpoint_name[0])
         failpoint_name = NULL;
+    failpoint_key = getenv("PAYCOORD_FAILPOINT_KEY");
+    if (failpoint_key && !failpoint_key[0])
+        failpoint_key = NULL;
     if (failpoint_name)
         log_warn("event=failpoint_armed name=%s", failpoint_name);
 #endif
@@ -234,6 +243,10 @@ int main(int argc, char **argv)
         goto out;
     }
     pgpool_set_state_cb(D->pool, on_db_state, NULL);
+    if (rec_init() != 0) {
+        log_error("event=startup_failed what=recovery");
+        goto out;
+    }
     if (server_start() != 0)
         goto out;
     struct event *sigterm = evsignal_new(D->base, SIGTERM, on_terminate, NULL);
@@ -251,8 +264,10 @@ int main(int argc, char **argv)
 
     int left = pay_in_flight();
     server_close_all();
-    if (left == 0) {
-        /* Nothing in flight: tear down in dependency order. */
+    if (left == 0 && !rec_busy()) {
+        /* Nothing in flight: tear down in dependency order. (Otherwise the
+         * process exit releases memory; prepared debits stay for recovery.) */
+        rec_shutdown();
         psp_free(D->psp);
         pgpool_free(D->pool);
         pay_shutdown();

@@ -25,7 +25,7 @@ static void op_health(pc_request *r)
 {
     bool db = pgpool_is_up(D->pool);
     cJSON *o = cJSON_CreateObject();
-    cJSON_AddBoolToObject(o, "ready", db && D->max_prepared_server > 0 && !D->shutting_down);
+    cJSON_AddBoolToObject(o, "ready", db && D->max_prepared_server > 0 && rec_node_locked() && !D->shutting_down);
     cJSON_AddStringToObject(o, "database", db ? "up" : "down");
     cJSON_AddStringToObject(o, "processor", processor_state());
     cJSON_AddNumberToObject(o, "prepared", D->prepared + D->orphans);
@@ -86,6 +86,8 @@ static void op_stats(pc_request *r)
     cJSON_AddNumberToObject(proc, "latency_p99_ms_le", lat_percentile(99));
     cJSON *rec = cJSON_AddObjectToObject(o, "recovery");
     cJSON_AddNumberToObject(rec, "runs", (double)s->recovery_runs);
+    cJSON_AddBoolToObject(rec, "node_lock", rec_node_locked());
+    cJSON_AddBoolToObject(rec, "running", rec_busy());
     cJSON_AddNumberToObject(rec, "committed", (double)s->recoveries_committed);
     cJSON_AddNumberToObject(rec, "rolled_back", (double)s->recoveries_rolled_back);
     cJSON_AddNumberToObject(rec, "left", (double)s->recoveries_left);
@@ -112,12 +114,9 @@ void ops_dispatch(pc_request *r)
     case PROTO_OP_ACCOUNT_OPEN: pay_handle_account_open(r); return;
     case PROTO_OP_HEALTH: op_health(r); return;
     case PROTO_OP_STATS: op_stats(r); return;
-    case PROTO_OP_PREPARED:
-    case PROTO_OP_RESOLVE:
-    case PROTO_OP_RECOVER:
-        server_reply_err(r, PROTO_ERR_UNKNOWN_OP, "op %s is not available in this build yet",
-                         proto_op_name(r->req.op));
-        return;
+    case PROTO_OP_PREPARED: rec_handle_prepared(r); return;
+    case PROTO_OP_RESOLVE: rec_handle_resolve(r); return;
+    case PROTO_OP_RECOVER: rec_handle_recover(r); return;
     case PROTO_OP__COUNT:
         break;
     }

@@ -43,6 +43,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 #include <uuid/uuid.h>
 
 #include <event2/event.h>
@@ -147,6 +148,25 @@ static void account_next(account *a);
 static void account_release(account *a);
 
 int pay_in_flight(void) { return in_flight; }
+
+/* Is this gid driven by a live payment of this daemon? gid = pc:<node>:<32 hex
+ * of the payment uuid>, so the uuid is recovered from it. */
+bool pay_gid_is_live(const char *gid)
+{
+    const char *hex = strrchr(gid, ':');
+    if (!hex || strlen(hex + 1) != 32 || !by_id)
+        return false;
+    hex++;
+    char id[37];
+    size_t j = 0;
+    for (size_t i = 0; i < 32; i++) {
+        if (i == 8 || i == 12 || i == 16 || i == 20)
+            id[j++] = '-';
+        id[j++] = hex[i];
+    }
+    id[j] = '\0';
+    return strmap_get(by_id, id) != NULL;
+}
 
 /* ---------------------------------------------------------------- helpers */
 
@@ -602,7 +622,7 @@ static void debit_retry_cb(evutil_socket_t fd, short what, void *arg)
 static void start_phase1(payment *p)
 {
     pay_set_state(p, PS_PHASE1);
-    FAILPOINT("before_debit");
+    FAILPOINT("before_debit", p->key);
     sbuf q;
     sbuf_init(&q);
     if (!p->intent_committed) {
@@ -703,7 +723,7 @@ static void phase1_cb(const pgpool_reply *r, void *arg)
         D->prepared++;
         log_info("payment gid=%s key=%s account=%s amount=%lld currency=%s event=prepared db_ms=%.1f",
                  p->gid, p->key, p->account, (long long)p->amount, p->currency, r->elapsed_ms);
-        FAILPOINT("after_prepare");
+        FAILPOINT("after_prepare", p->key);
         arm_waiters(p);
         start_create(p);
         return;
@@ -837,7 +857,7 @@ static void decide(payment *p, decision dec, const char *decline_code, const cha
     log_info("payment gid=%s key=%s event=decision action=%s decline_code=%s processor_ref=%s", p->gid, p->key,
              dec == DEC_COMMIT ? "commit" : "rollback", p->decline_code[0] ? p->decline_code : "-",
              p->processor_ref[0] ? p->processor_ref : "-");
-    FAILPOINT("after_answer");
+    FAILPOINT("after_answer", p->key);
     start_phase2(p);
 }
 
@@ -864,6 +884,16 @@ static void create_retry_cb(evutil_socket_t fd, short what, void *arg)
     start_create(arg);
 }
 
+#ifdef PAYCOORD_FAILPOINTS
+static void after_send_cb(evutil_socket_t fd, short what, void *arg)
+{
+    /* Armed only for a matching payment (start_create checked). */
+    log_error("event=failpoint name=after_send action=_exit");
+    fflush(stderr);
+    _exit(99);
+}
+#endif
+
 static void start_create(payment *p)
 {
     pay_set_state(p, PS_CREATE);
@@ -873,7 +903,16 @@ static void start_create(payment *p)
         log_error("payment gid=%s key=%s event=create_not_started", p->gid, p->key);
         pay_set_state(p, PS_CREATE_WAIT);
         arm_timer(p, backoff_ms(D->cfg.processor_retry_base_ms, p->attempts++, 5000), create_retry_cb);
+        return;
     }
+#ifdef PAYCOORD_FAILPOINTS
+    /* "after the HTTP request was sent, before its answer": 100 ms after the
+     * send; tests give the test processor more latency than that. */
+    if (failpoint_armed("after_send", p->key)) {
+        struct timeval tv = { 0, 100000 };
+        event_base_once(D->base, -1, EV_TIMEOUT, after_send_cb, p->key, &tv);
+    }
+#endif
 }
 
 static void create_cb(const psp_result *res, void *arg)
@@ -1047,7 +1086,7 @@ static void phase2_done(payment *p)
     p->prepared = false;
     D->prepared--;
     p->attempts = 0;
-    FAILPOINT("after_phase2");
+    FAILPOINT("after_phase2", p->key);
     if (p->dec == DEC_COMMIT) {
         /* status 'succeeded' committed with the debit; processor_ref is
          * written asynchronously (recovery can always ask the processor). */
@@ -1205,6 +1244,12 @@ void pay_handle_pay(pc_request *r)
     }
     if (!pgpool_is_up(D->pool)) {
         server_reply_err(r, PROTO_ERR_UNAVAILABLE, "database unavailable; nothing was charged");
+        return;
+    }
+    if (!rec_node_locked()) {
+        server_reply_err(r, PROTO_ERR_UNAVAILABLE,
+                         "this daemon does not hold its node lock (starting, or another daemon runs with node_id %s); nothing was charged",
+                         D->cfg.node_id);
         return;
     }
     if (D->max_prepared_server <= 0) {

@@ -880,8 +880,20 @@ static int op_fields(const view *v, int64_t max_amount, proto_request *req, prot
                         &req->has_older_than_ms, &req->older_than_ms, err);
     case PROTO_OP_RESOLVE:
         return op_resolve(v, req, err);
+    case PROTO_OP_RECOVER: {
+        /* Extension: optional "node" names a dead node whose gids to settle. */
+        const field *f = lookup(v, "node");
+        if (f == NULL)
+            return 0;
+        size_t n = cJSON_IsString(f->item) ? strlen(f->item->valuestring) : 0;
+        if (n == 0 || n > PROTO_NODE_MAX ||
+            strspn(f->item->valuestring, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-") != n)
+            return fail(err, PROTO_ERR_INVALID_REQUEST, "node must be 1-32 characters of A-Z a-z 0-9 _ -");
+        memcpy(req->node, f->item->valuestring, n + 1);
+        return 0;
+    }
     default:
-        return 0;               /* ping, recover, stats, health: no fields */
+        return 0;               /* ping, stats, health: no fields */
     }
 }
 

@@ -26,6 +26,7 @@
 #define PROTO_META_KEY_MAX 40
 #define PROTO_META_VALUE_MAX 500
 #define PROTO_GID_MAX 200
+#define PROTO_NODE_MAX 32
 
 /* Additional limits (added with the implementation). */
 #define PROTO_ID_MAX 255                        /* bytes of a string id */
@@ -103,6 +104,7 @@ typedef struct proto_request {
     char gid[PROTO_GID_MAX + 1];                /* resolve */
     proto_action action;                        /* resolve */
     char *reason;                               /* resolve */
+    char node[PROTO_NODE_MAX + 1];              /* recover (extension): "" = this daemon's node */
 } proto_request;
 
 /* Parse and validate one request line (without its '\n'). Returns 0 and fills
