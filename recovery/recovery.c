@@ -128,6 +128,25 @@ static void ignore_cb(const pgpool_reply *r, void *arg)
 
 /* ---------------------------------------------------------------- leave */
 
+/* Record attempts / last error / review for a gid in recovery_state. */
+static void save_state(const rec_item *it, int attempts, const char *why, bool review)
+{
+    sbuf q;
+    sbuf_init(&q);
+    sbuf_puts(&q, "INSERT INTO recovery_state (gid, payment_id, attempts, last_error, review) VALUES (");
+    sbuf_literal(&q, it->gid);
+    sbuf_puts(&q, ", ");
+    sbuf_literal(&q, it->payment_id[0] ? it->payment_id : NULL);
+    sbuf_printf(&q, "::uuid, %d, ", attempts);
+    sbuf_literal(&q, why);
+    sbuf_printf(&q, ", %s) ON CONFLICT (gid) DO UPDATE SET attempts = EXCLUDED.attempts, "
+                    "last_error = EXCLUDED.last_error, review = recovery_state.review OR EXCLUDED.review, "
+                    "updated_at = now()", review ? "true" : "false");
+    if (sbuf_ok(&q))
+        query_or_log("recovery_state", sbuf_str(&q), ignore_cb, "recovery_state");
+    sbuf_free(&q);
+}
+
 /* Leave the item for a later pass: count the attempt; after
  * max_recovery_attempts the payment goes to manual review. */
 static void item_leave(rec_item *it, const char *why)
@@ -152,37 +171,33 @@ static void item_leave(rec_item *it, const char *why)
         log_error("recovery gid=%s event=manual_review attempts=%d last_error=\"%s\" alert=review", it->gid, attempts, why);
     else
         log_warn("recovery gid=%s event=left attempts=%d reason=\"%s\"", it->gid, attempts, why);
-    if (it->payment_id[0]) {
-        sbuf q;
-        sbuf_init(&q);
-        sbuf_printf(&q, "UPDATE payments SET attempts = %d, last_error = ", attempts);
-        sbuf_literal(&q, why);
-        sbuf_printf(&q, ", review = review OR %s, updated_at = now() WHERE payment_id = ", review ? "true" : "false");
-        sbuf_literal(&q, it->payment_id);
-        if (sbuf_ok(&q))
-            query_or_log("attempts", sbuf_str(&q), ignore_cb, "attempts");
-        sbuf_free(&q);
-    }
+    save_state(it, attempts, why, review);
     item_done(it);
 }
 
 static void mark_review(rec_item *it, const char *why)
 {
     log_error("recovery gid=%s event=manual_review reason=\"%s\" alert=review", it->gid, why);
-    if (it->payment_id[0]) {
-        sbuf q;
-        sbuf_init(&q);
-        sbuf_puts(&q, "UPDATE payments SET review = true, last_error = ");
-        sbuf_literal(&q, why);
-        sbuf_puts(&q, ", updated_at = now() WHERE payment_id = ");
-        sbuf_literal(&q, it->payment_id);
-        if (sbuf_ok(&q))
-            query_or_log("review", sbuf_str(&q), ignore_cb, "review");
-        sbuf_free(&q);
-    }
+    save_state(it, it->attempts, why, true);
 }
 
 /* ---------------------------------------------------------------- commit */
+
+/* Settled: drop the gid's backoff and bookkeeping. */
+static void forget(const rec_item *it)
+{
+    free(strmap_del(backoff, it->gid));
+    if (it->attempts > 0) {             /* a recovery_state row exists only then */
+        sbuf q;
+        sbuf_init(&q);
+        sbuf_puts(&q, "DELETE FROM recovery_state WHERE gid = ");
+        sbuf_literal(&q, it->gid);
+        sbuf_puts(&q, " AND NOT review");
+        if (sbuf_ok(&q))
+            query_or_log("recovery_state", sbuf_str(&q), ignore_cb, "recovery_state");
+        sbuf_free(&q);
+    }
+}
 
 /* "prepared transaction does not exist": a live payment or another pass
  * settled it after the listing; the next pass sees the truth. */
@@ -212,7 +227,7 @@ static void commit_cb(const pgpool_reply *r, void *arg)
         sbuf_init(&q);
         sbuf_puts(&q, "UPDATE payments SET processor_ref = coalesce(");
         sbuf_literal(&q, it->processor_ref[0] ? it->processor_ref : NULL);
-        sbuf_puts(&q, ", processor_ref), last_error = NULL, updated_at = now() WHERE payment_id = ");
+        sbuf_puts(&q, ", processor_ref), updated_at = now() WHERE payment_id = ");
         sbuf_literal(&q, it->payment_id);
         if (sbuf_ok(&q))
             query_or_log("processor_ref", sbuf_str(&q), ignore_cb, "processor_ref");
@@ -277,7 +292,7 @@ static void settle_cb(const pgpool_reply *r, void *arg)
     it->pass->rolled_back++;
     D->stats.recoveries_rolled_back++;
     log_notice("recovery gid=%s event=rolled_back decline_code=%s", it->gid, it->decline_code);
-    free(strmap_del(backoff, it->gid));
+    forget(it);
     item_done(it);
 }
 
@@ -545,15 +560,16 @@ static rec_pass *pass_start(const char *node, bool foreign, bool forced)
      * settles those), and pending rows without a prepared transaction. */
     static const char sql[] =
         "SELECT x.gid, coalesce(p.payment_id::text, ''), true, coalesce(p.deadline < now(), true), "
-        "       (extract(epoch FROM now() - x.prepared) * 1000)::bigint, coalesce(p.attempts, 0) "
+        "       (extract(epoch FROM now() - x.prepared) * 1000)::bigint, coalesce(s.attempts, 0) "
         "  FROM pg_prepared_xacts x LEFT JOIN payments p ON p.gid = x.gid "
+        "  LEFT JOIN recovery_state s ON s.gid = x.gid "
         " WHERE x.database = current_database() AND left(x.gid, length($1)) = $1 "
-        "   AND NOT coalesce(p.review, false) "
+        "   AND NOT coalesce(s.review, false) "
         "UNION ALL "
         "SELECT p.gid, p.payment_id::text, false, p.deadline < now(), "
-        "       (extract(epoch FROM now() - p.created_at) * 1000)::bigint, p.attempts "
-        "  FROM payments p "
-        " WHERE p.node = $2 AND p.status = 'pending' AND NOT p.review "
+        "       (extract(epoch FROM now() - p.created_at) * 1000)::bigint, coalesce(s.attempts, 0) "
+        "  FROM payments p LEFT JOIN recovery_state s ON s.gid = p.gid "
+        " WHERE p.node = $2 AND p.status = 'pending' AND NOT coalesce(s.review, false) "
         "   AND NOT EXISTS (SELECT 1 FROM pg_prepared_xacts x WHERE x.gid = p.gid)";
     if (pgpool_query_params(D->pool, sql, 2, params, list_cb, ps) != PGPOOL_QUEUED) {
         current = NULL;
@@ -771,8 +787,10 @@ void rec_handle_prepared(pc_request *r)
         "SELECT x.gid, p.payment_id::text, p.account_id, p.amount::text, p.currency, "
         "       to_char(x.prepared AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), "
         "       (extract(epoch FROM now() - x.prepared) * 1000)::bigint::text, "
-        "       coalesce(p.node, split_part(x.gid, ':', 2)), p.attempts::text, p.last_error, coalesce(p.review, false) "
+        "       coalesce(p.node, split_part(x.gid, ':', 2)), coalesce(s.attempts, 0)::text, s.last_error, "
+        "       coalesce(s.review, false) "
         "  FROM pg_prepared_xacts x LEFT JOIN payments p ON p.gid = x.gid "
+        "  LEFT JOIN recovery_state s ON s.gid = x.gid "
         " WHERE x.database = current_database() AND x.prepared <= now() - $1::bigint * interval '1 millisecond' "
         " ORDER BY x.prepared";
     if (pgpool_query_params(D->pool, sql, 1, params, prepared_cb, r) != PGPOOL_QUEUED)
@@ -832,7 +850,7 @@ static void resolve_cb(const pgpool_reply *r, void *arg)
         sbuf_literal(&s, q->gid);
         sbuf_puts(&s, "; ");
     }
-    sbuf_puts(&s, "UPDATE payments SET review = false, last_error = 'resolved by hand', updated_at = now() WHERE gid = ");
+    sbuf_puts(&s, "UPDATE recovery_state SET review = false, last_error = 'resolved by hand', updated_at = now() WHERE gid = ");
     sbuf_literal(&s, q->gid);
     sbuf_puts(&s, "; COMMIT");
     if (!sbuf_ok(&s) || pgpool_query(D->pool, sbuf_str(&s), resolve_audit_cb, req) != PGPOOL_QUEUED) {

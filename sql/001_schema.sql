@@ -31,9 +31,6 @@ CREATE TABLE payments (
     processor_ref   text,
     decline_code    text,
     deadline        timestamptz NOT NULL,
-    attempts        integer NOT NULL DEFAULT 0,  -- recovery attempts
-    last_error      text,
-    review          boolean NOT NULL DEFAULT false, -- manual review (recovery gave up)
     created_at      timestamptz NOT NULL DEFAULT now(),
     updated_at      timestamptz NOT NULL DEFAULT now()
 );
@@ -72,6 +69,18 @@ CREATE TABLE ledger (
 CREATE INDEX ledger_account ON ledger (account_id, entry_id);
 CREATE UNIQUE INDEX ledger_one_debit_per_payment ON ledger (payment_id) WHERE payment_id IS NOT NULL;
 CREATE UNIQUE INDEX ledger_one_entry_per_credit ON ledger (credit_id) WHERE credit_id IS NOT NULL;
+
+-- Recovery's bookkeeping per gid. Kept apart from payments on purpose: a
+-- prepared debit holds the lock on its payments row until it is settled, so
+-- recovery could not write attempts there without waiting on that very lock.
+CREATE TABLE recovery_state (
+    gid             text PRIMARY KEY,
+    payment_id      uuid,
+    attempts        integer NOT NULL DEFAULT 0,
+    last_error      text,
+    review          boolean NOT NULL DEFAULT false,  -- manual review: recovery gave up
+    updated_at      timestamptz NOT NULL DEFAULT now()
+);
 
 -- Every settlement made by hand (paycoordctl resolve) or by recovery of a
 -- foreign/dead node: who, when, what, why.

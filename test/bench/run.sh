@@ -1,0 +1,372 @@
+#!/usr/bin/env bash
+# run.sh - paycoord's benchmark in one go (docs/performance.md): builds a
+# Release daemon into build-bench, starts a throwaway PostgreSQL (fsync on),
+# the test processor (psp-sim), opens accounts, then measures
+#
+#   pgbench ceilings  2PC (begin, conditional debit, payment row, ledger row,
+#                     PREPARE TRANSACTION / COMMIT PREPARED: 2 round trips),
+#                     single phase (same, COMMIT: 1 round trip), and the
+#                     daemon's own SQL text replayed by pgbench
+#   S1  processor latency 0, random accounts of N, concurrency 16 and 64,
+#       pool sizes; throughput, latency, daemon CPU per 1000 payments, RSS
+#   S2  processor latency 200 ms, 1000 in flight on distinct accounts
+#   S3  hot accounts: every payment on 10 accounts
+#   S4  memory: RSS with 1000 and 10000 payments in flight
+#   profile  perf record of the daemon under S1 (BENCH_PROFILE=0 skips it)
+#
+# and prints one table; the same figures go to $BENCH_OUT/bench-results.json.
+# Every server it starts is stopped on exit. Run as root or as a user that
+# can run PostgreSQL (see test/pg.sh).
+#
+# Environment (defaults in brackets):
+#   BENCH_SECONDS [15]      measured seconds per run (S1, S2, S3, pgbench)
+#   BENCH_WARMUP [2]        unmeasured seconds before each daemon run
+#   BENCH_ACCOUNTS [10000]  accounts opened (S1 picks among all of them)
+#   BENCH_CONCURRENCY ["16 64"]   S1 and pgbench concurrencies
+#   BENCH_POOL [16]         daemon pool_size for S1..S4
+#   BENCH_POOLS ["8 32"]    extra pool sizes tried at the highest concurrency
+#   BENCH_LOG_LEVEL [info]  daemon log_level (a run at notice is added too)
+#   BENCH_S4_LATENCY_MS [20000]   processor latency while S4 holds payments
+#   BENCH_PROFILE [1]       perf profile run (BENCH_PROFILE_SECONDS [10])
+#   BENCH_OUT [build-bench/bench-out]  results directory
+#   BENCH_BUILD [build-bench]          build directory (Release, no fail points)
+#   BENCH_KEEP [0]          keep the work directory (logs, pgbench logs)
+#   BENCH_SCENARIOS ["pgbench s1 pools s2 s3 s4 profile"]  which parts to run
+set -euo pipefail
+
+src=$(cd "$(dirname "$0")/../.." && pwd)
+build=${BENCH_BUILD:-$src/build-bench}
+secs=${BENCH_SECONDS:-15}
+warm=${BENCH_WARMUP:-2}
+naccts=${BENCH_ACCOUNTS:-10000}
+concs=${BENCH_CONCURRENCY:-"16 64"}
+pool=${BENCH_POOL:-16}
+pools=${BENCH_POOLS:-"8 32"}
+loglevel=${BENCH_LOG_LEVEL:-info}
+s4lat=${BENCH_S4_LATENCY_MS:-20000}
+profile=${BENCH_PROFILE:-1}
+profsecs=${BENCH_PROFILE_SECONDS:-10}
+out=${BENCH_OUT:-$build/bench-out}
+keep=${BENCH_KEEP:-0}
+scenarios=" ${BENCH_SCENARIOS:-pgbench s1 pools s2 s3 s4 profile} "
+want() { case "$scenarios" in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+pgbin=${PC_PG_BIN:-/usr/lib/postgresql/15/bin}
+py=/usr/bin/python3
+maxc=$(echo $concs | tr ' ' '\n' | sort -n | tail -1)
+opening=1000000000000          # opening balance of every account (minor units)
+
+say() { printf '== %s\n' "$*" >&2; }
+die() { printf 'run.sh: %s\n' "$*" >&2; exit 1; }
+
+for t in "$pgbin/pgbench" "$pgbin/psql" cmake curl "$py"; do
+    command -v "$t" >/dev/null || die "$t not found (apt-get install postgresql-15 postgresql-contrib-15 cmake curl python3)"
+done
+
+# ------------------------------------------------------------------ build
+say "build (Release, PAYCOORD_FAILPOINTS=OFF) in $build"
+cmake -S "$src" -B "$build" -DCMAKE_BUILD_TYPE=Release -DPAYCOORD_FAILPOINTS=OFF >/dev/null
+cmake --build "$build" -j"$(nproc)" --target paycoord psp-sim -- --no-print-directory >/dev/null
+paybench=$build/test/bench/paybench
+if cmake --build "$build" --target help 2>/dev/null | grep -q '\bpaybench\b'; then
+    cmake --build "$build" --target paybench -- --no-print-directory >/dev/null
+else
+    # test/bench is not wired into test/CMakeLists.txt yet: build it by hand.
+    mkdir -p "$build/test/bench"
+    gcc -std=c11 -D_GNU_SOURCE -O2 -g -Wall -Wextra -Wshadow -Wstrict-prototypes -Wmissing-prototypes \
+        -Wformat=2 -Wundef -o "$paybench" "$src/test/bench/paybench.c"
+fi
+daemon=$build/coordinator/paycoord
+sim=$build/test/processor/psp-sim
+
+# ------------------------------------------------------------------ work dir, cleanup
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+rm -f "$out"/*.json "$out"/*.txt
+work=$(mktemp -d /tmp/paycoord-bench.XXXXXX)
+chmod 755 "$work"
+mkdir -p "$work/runs"
+sim_pid=
+daemon_pid=
+perf_pid=
+cleanup() {
+    set +e
+    [ -n "$perf_pid" ] && kill -INT "$perf_pid" 2>/dev/null && wait "$perf_pid" 2>/dev/null
+    [ -n "$daemon_pid" ] && kill -TERM "$daemon_pid" 2>/dev/null && wait "$daemon_pid" 2>/dev/null
+    [ -n "$sim_pid" ] && kill -TERM "$sim_pid" 2>/dev/null && wait "$sim_pid" 2>/dev/null
+    PC_PG_BIN=$pgbin "$src/test/pg.sh" stop "$work/pg" >/dev/null 2>&1
+    if [ "$keep" = 1 ]; then
+        echo "run.sh: work directory kept: $work" >&2
+    else
+        rm -rf "$work"
+    fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# Enough descriptors for S4 (one processor connection per payment in flight).
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+
+# ------------------------------------------------------------------ PostgreSQL
+say "PostgreSQL 15 (fsync on, max_prepared_transactions 12000) in $work/pg"
+export PC_PG_MAX_PREPARED=12000 PC_PG_MAX_CONNECTIONS=200 PC_PG_FSYNC=on PC_PG_BIN=$pgbin
+"$src/test/pg.sh" start "$work/pg" >/dev/null
+"$src/test/pg.sh" migrate "$work/pg" >/dev/null
+conninfo=$("$src/test/pg.sh" conninfo "$work/pg")
+pgsock=$work/pg/sock
+as_pg() { if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+psqlq() { as_pg "$pgbin/psql" -X -q -v ON_ERROR_STOP=1 -h "$pgsock" -U postgres -d paycoord "$@"; }
+
+say "open $naccts accounts (balance $opening each: opening credit + ledger row)"
+psqlq <<SQL
+BEGIN;
+INSERT INTO accounts (id, currency, balance)
+  SELECT 'acct-' || g, 'USD', $opening FROM generate_series(1, $naccts) g;
+INSERT INTO credits (credit_id, idempotency_key, account_id, amount, currency, status, applied_at)
+  SELECT md5('bench-open-' || g)::uuid, 'bench-open-' || g, 'acct-' || g, $opening, 'USD', 'applied', now()
+  FROM generate_series(1, $naccts) g;
+INSERT INTO ledger (account_id, amount, balance_after, credit_id)
+  SELECT 'acct-' || g, $opening, $opening, md5('bench-open-' || g)::uuid FROM generate_series(1, $naccts) g;
+COMMIT;
+VACUUM ANALYZE accounts;
+VACUUM ANALYZE credits;
+VACUUM ANALYZE ledger;
+SQL
+
+# ------------------------------------------------------------------ processor
+say "test processor"
+umask 077
+echo "bench-token-$(date +%s%N)" >"$work/token"
+umask 022
+"$sim" --port 0 --control-port 0 --token-file "$work/token" --max-payments 20000000 --quiet \
+    >"$work/sim.out" 2>"$work/sim.log" &
+sim_pid=$!
+for _ in $(seq 100); do grep -q listening "$work/sim.out" 2>/dev/null && break; sleep 0.05; done
+grep -q listening "$work/sim.out" || die "psp-sim did not start: $(cat "$work/sim.log")"
+simport=$(sed -n 's/.* port=\([0-9]*\) .*/\1/p' "$work/sim.out")
+simctl=$(sed -n 's/.*control_port=\([0-9]*\).*/\1/p' "$work/sim.out")
+sim_control() {   # sim_control '{"latency_ms":200}'
+    curl -fsS -X POST -H 'Content-Type: application/json' -d "$1" "http://127.0.0.1:$simctl/control" >/dev/null
+}
+sim_reset() {
+    curl -fsS -X POST "http://127.0.0.1:$simctl/control/reset" >/dev/null
+    sim_control '{"latency_ms":0,"jitter_ms":0,"pending_rate":0,"decline_rate":0}'
+}
+
+# ------------------------------------------------------------------ daemon
+# start_daemon NAME POOL PROC_CONNS [extra config lines...]
+start_daemon() {
+    local name=$1 psize=$2 pconns=$3
+    shift 3
+    local conf=$work/$name.conf
+    {
+        echo "listen_socket = $work/paycoord.sock"
+        echo "db_conninfo = $conninfo"
+        echo "pool_size = $psize"
+        echo "node_id = bench"
+        echo "processor_url = http://127.0.0.1:$simport"
+        echo "processor_token_file = $work/token"
+        echo "processor_max_connections = $pconns"
+        echo "max_in_flight = 20000"
+        echo "max_clients = 4096"
+        echo "max_client_pipeline = 100000"
+        echo "prepared_share_percent = 95"
+        echo "log_level = $loglevel"
+        for l in "$@"; do echo "$l"; done
+    } >"$conf"
+    "$daemon" --config "$conf" 2>"$work/runs/$name.daemon.log" &
+    daemon_pid=$!
+}
+
+stop_daemon() {
+    if [ -n "$daemon_pid" ]; then
+        kill -TERM "$daemon_pid" 2>/dev/null || true
+        wait "$daemon_pid" 2>/dev/null || true
+        daemon_pid=
+    fi
+}
+
+# bench NAME [paybench options...]: one paybench run against the running daemon.
+bench() {
+    local name=$1
+    shift
+    "$paybench" --socket "$work/paycoord.sock" --pid "$daemon_pid" --sim-pid "$sim_pid" --wait-ready 30 \
+        --label "$name" --key-prefix "$name-$$" --json "$out/run-$name.json" "$@" \
+        | tee "$out/run-$name.txt" >&2 || echo "run.sh: paybench $name failed" >&2
+}
+
+# daemon_run NAME POOL PROC_CONNS "CONFIG LINES" [paybench options]
+daemon_run() {
+    local name=$1 psize=$2 pconns=$3 extra=$4
+    shift 4
+    local lines=()
+    if [ -n "$extra" ]; then IFS=';' read -r -a lines <<<"$extra"; fi
+    start_daemon "$name" "$psize" "$pconns" "${lines[@]}"
+    bench "$name" "$@"
+    stop_daemon
+    tail -n 3 "$work/runs/$name.daemon.log" >"$out/run-$name.daemon-tail.txt" 2>/dev/null || true
+}
+
+# ------------------------------------------------------------------ pgbench
+cat >"$work/pgb-2pc.sql" <<'SQL'
+\set aid random(1, :naccounts)
+\set r random(1, 999999999999999)
+BEGIN \; UPDATE accounts SET balance = balance - 1, updated_at = now() WHERE id = 'acct-:aid' AND balance >= 1 \; INSERT INTO payments (payment_id, idempotency_key, account_id, amount, currency, gid, node, status, deadline) VALUES (md5('pgb2-:tag-:client_id-:r')::uuid, 'pgb2-:tag-:client_id-:r', 'acct-:aid', 1, 'USD', 'pgb:2:' || md5('pgb2-:tag-:client_id-:r'), 'pgb', 'succeeded', now() + interval '60 s') \; INSERT INTO ledger (account_id, amount, balance_after, payment_id) SELECT id, -1, balance, md5('pgb2-:tag-:client_id-:r')::uuid FROM accounts WHERE id = 'acct-:aid' \; PREPARE TRANSACTION 'pgb2-:tag-:client_id-:r';
+COMMIT PREPARED 'pgb2-:tag-:client_id-:r';
+SQL
+cat >"$work/pgb-1pc.sql" <<'SQL'
+\set aid random(1, :naccounts)
+\set r random(1, 999999999999999)
+BEGIN \; UPDATE accounts SET balance = balance - 1, updated_at = now() WHERE id = 'acct-:aid' AND balance >= 1 \; INSERT INTO payments (payment_id, idempotency_key, account_id, amount, currency, gid, node, status, deadline) VALUES (md5('pgb1-:tag-:client_id-:r')::uuid, 'pgb1-:tag-:client_id-:r', 'acct-:aid', 1, 'USD', 'pgb:1:' || md5('pgb1-:tag-:client_id-:r'), 'pgb', 'succeeded', now() + interval '60 s') \; INSERT INTO ledger (account_id, amount, balance_after, payment_id) SELECT id, -1, balance, md5('pgb1-:tag-:client_id-:r')::uuid FROM accounts WHERE id = 'acct-:aid' \; COMMIT;
+SQL
+# The daemon's statements for one successful payment, verbatim (payment.c:
+# start_phase1, start_phase2, phase2_done): 3 round trips, 2 synchronous flushes.
+cat >"$work/pgb-daemonsql.sql" <<'SQL'
+\set aid random(1, :naccounts)
+\set r random(1, 999999999999999)
+BEGIN \; SET LOCAL synchronous_commit TO off \; SELECT pc_pay_intent(md5('pgbd-:tag-:client_id-:r')::uuid, 'pgbd-:tag-:client_id-:r', 'acct-:aid', 1, 'USD', NULL, NULL::jsonb, 'pgbd-:tag-:client_id-:r', 'pgb', 60000) \; COMMIT \; BEGIN \; SET LOCAL lock_timeout TO '200ms' \; SELECT pc_pay_debit(md5('pgbd-:tag-:client_id-:r')::uuid, 'acct-:aid', 1) \; PREPARE TRANSACTION 'pgbd-:tag-:client_id-:r';
+COMMIT PREPARED 'pgbd-:tag-:client_id-:r';
+BEGIN \; SET LOCAL synchronous_commit TO off \; UPDATE payments SET processor_ref = 'psp_bench_:r', updated_at = now() WHERE payment_id = md5('pgbd-:tag-:client_id-:r')::uuid \; COMMIT;
+SQL
+chmod 644 "$work"/pgb-*.sql
+
+sys_jiffies() { awk '/^cpu /{t=0; for(i=2;i<=9;i++) t+=$i; print t-$5-$6, t}' /proc/stat; }
+
+# pgbench_run NAME SCRIPT CLIENTS
+pgbench_run() {
+    local name=$1 script=$2 clients=$3 tag
+    tag=$(date +%s%N)
+    local threads=2
+    [ "$clients" -lt 2 ] && threads=1
+    mkdir -p "$work/pgblog-$name"
+    chown postgres: "$work/pgblog-$name" 2>/dev/null || true
+    read -r b0 t0 < <(sys_jiffies)
+    as_pg "$pgbin/pgbench" -n -M simple -h "$pgsock" -U postgres -c "$clients" -j "$threads" -T "$secs" \
+        -D naccounts="$naccts" -D tag="$tag" -f "$script" -l --log-prefix="$work/pgblog-$name/tx" paycoord \
+        >"$work/runs/$name.pgbench.out" 2>&1 || { echo "run.sh: pgbench $name failed:" >&2; tail -n 5 "$work/runs/$name.pgbench.out" >&2; }
+    read -r b1 t1 < <(sys_jiffies)
+    # a client stopped by -T between PREPARE and COMMIT PREPARED: finish it
+    local g
+    for g in $(psqlq -tAc "SELECT gid FROM pg_prepared_xacts WHERE gid LIKE 'pgb%'"); do
+        psqlq -c "COMMIT PREPARED '$g'" || true
+    done
+    "$py" "$src/test/bench/report.py" pgbench "$name" "$clients" "$secs" "$b0" "$t0" "$b1" "$t1" \
+        "$work/runs/$name.pgbench.out" "$work/pgblog-$name" >"$out/run-$name.json"
+    "$py" -c 'import json,sys; r=json.load(open(sys.argv[1])); print("pgbench %-14s c=%-3d %8.1f tps  p50 %.2f  p99 %.2f  p99.9 %.2f ms  cpu %.0f%%" % (r["label"], r["connections"], r["payments_per_s"], r["latency_ms"]["p50"], r["latency_ms"]["p99"], r["latency_ms"]["p999"], r["machine_cpu_busy_pct"]))' "$out/run-$name.json" >&2
+    rm -rf "$work/pgblog-$name"
+}
+
+t_start=$(date +%s)
+
+# ------------------------------------------------------------------ S1 with pgbench ceilings
+for c in $concs; do
+    say "concurrency $c: pgbench ceilings, then the daemon (S1, pool $pool)"
+    if want pgbench; then
+        pgbench_run "pgbench-2pc-c$c" "$work/pgb-2pc.sql" "$c"
+        pgbench_run "pgbench-1pc-c$c" "$work/pgb-1pc.sql" "$c"
+        pgbench_run "pgbench-daemonsql-c$c" "$work/pgb-daemonsql.sql" "$c"
+    fi
+    want s1 || continue
+    sim_reset
+    daemon_run "s1-c$c-pool$pool" "$pool" 64 "" --connections "$c" --depth 1 --accounts "$naccts" \
+        --duration "$secs" --warmup "$warm"
+done
+for p in $pools; do
+    want pools || break
+    say "S1 pool size $p at concurrency $maxc"
+    sim_reset
+    daemon_run "s1-c$maxc-pool$p" "$p" 64 "" --connections "$maxc" --depth 1 --accounts "$naccts" \
+        --duration "$secs" --warmup "$warm"
+done
+if want pools && [ "$loglevel" != notice ]; then
+    say "S1 at concurrency $maxc with log_level notice (no per-payment log lines)"
+    sim_reset
+    daemon_run "s1-c$maxc-pool$pool-lognotice" "$pool" 64 "log_level = notice" --connections "$maxc" --depth 1 \
+        --accounts "$naccts" --duration "$secs" --warmup "$warm"
+fi
+
+# ------------------------------------------------------------------ S2
+if want s2; then
+say "S2: processor latency 200 ms, 1000 in flight on distinct accounts, pool $pool"
+sim_reset
+sim_control '{"latency_ms":200}'
+daemon_run "s2-pc1100" "$pool" 1100 "" --connections 10 --depth 100 --account-mode slot --accounts "$naccts" \
+    --duration "$secs" --warmup 3
+say "S2 again with the default processor_max_connections (64)"
+daemon_run "s2-pc64" "$pool" 64 "" --connections 10 --depth 100 --account-mode slot --accounts "$naccts" \
+    --duration "$secs" --warmup 3
+
+fi
+
+# ------------------------------------------------------------------ S3
+if want s3; then
+say "S3: hot accounts: 64 clients, every payment on 10 accounts (processor latency 0)"
+sim_reset
+daemon_run "s3-hot10" "$pool" 64 "" --connections 64 --depth 1 --accounts 10 --duration "$secs" --warmup "$warm"
+say "S3b: hot accounts, processor latency 200 ms, 640 clients on 10 accounts (queues exceed queue_timeout_ms)"
+sim_control '{"latency_ms":200}'
+daemon_run "s3-hot10-lat200" "$pool" 64 "" --connections 64 --depth 10 --accounts 10 --duration "$secs" \
+    --warmup "$warm" --drain 30
+
+fi
+
+# ------------------------------------------------------------------ S4
+if want s4; then
+say "S4: memory: payments held in flight at a slow processor (latency ${s4lat} ms), 1000 then 10000"
+sim_reset
+sim_control "{\"latency_ms\":$s4lat}"
+daemon_run "s4-hold" "$pool" 10500 \
+    "processor_timeout_ms = $((s4lat + 60000));payment_deadline_ms = $((s4lat + 600000));pay_wait_ms = $((s4lat + 120000));log_level = notice" \
+    --connections 20 --depth 500 --account-mode slot --accounts "$naccts" --hold-steps 1000,10000 \
+    --hold-timeout 120 --drain $((s4lat / 1000 + 120))
+say "S4b: memory: payments pending at the processor (answered 'pending', polled every 30 s)"
+sim_reset
+sim_control '{"pending_rate":1,"settle_ms":10000,"settle_status":"succeeded"}'
+daemon_run "s4-pending" "$pool" 64 \
+    "processor_poll_ms = 30000;payment_deadline_ms = 600000;pay_wait_ms = 120000;log_level = notice" \
+    --connections 20 --depth 500 --account-mode slot --accounts "$naccts" --hold-steps 1000,10000 \
+    --hold-timeout 120 --drain 150
+sim_reset
+fi
+
+# ------------------------------------------------------------------ profile
+if want profile && [ "$profile" = 1 ] && command -v perf >/dev/null; then
+    say "profile: perf record (cpu-clock, dwarf call graphs) of the daemon under S1, c$maxc pool $pool"
+    start_daemon "profile" "$pool" 64
+    "$paybench" --socket "$work/paycoord.sock" --wait-ready 30 --connections 1 --duration 0.5 --warmup 0 \
+        --quiet --key-prefix "profwarm-$$" >/dev/null 2>&1 || true
+    perf record -e cpu-clock -F 997 --call-graph dwarf,16384 -p "$daemon_pid" -o "$work/perf.data" \
+        >"$work/perf.log" 2>&1 &
+    perf_pid=$!
+    sleep 0.5
+    bench "profile" --connections "$maxc" --depth 1 --accounts "$naccts" --duration "$profsecs" --warmup 0
+    kill -INT "$perf_pid" 2>/dev/null || true
+    wait "$perf_pid" 2>/dev/null || true
+    perf_pid=
+    stop_daemon
+    perf report -i "$work/perf.data" --stdio --no-children --sort dso,symbol --percent-limit 0.7 \
+        2>/dev/null | grep -v '^$' | grep -v '^ *|' | grep -v '^ *-' >"$out/profile-self.txt" || true
+    perf report -i "$work/perf.data" --stdio --no-children --sort dso 2>/dev/null | grep '%' >"$out/profile-dso.txt" || true
+    perf report -i "$work/perf.data" --stdio --children --sort symbol --percent-limit 3 -g none \
+        2>/dev/null | grep '%' | head -60 >"$out/profile-children.txt" || true
+    echo "profile: $out/profile-self.txt, profile-dso.txt, profile-children.txt" >&2
+fi
+
+# ------------------------------------------------------------------ invariants
+say "invariants (I1 ledger sums to balance; I4 no negative balance; no prepared left)"
+inv=$(psqlq -tA <<'SQL'
+SELECT (SELECT count(*) FROM accounts a
+         WHERE a.balance <> (SELECT coalesce(sum(l.amount), 0) FROM ledger l WHERE l.account_id = a.id))
+       || ' ' || (SELECT count(*) FROM accounts WHERE balance < 0)
+       || ' ' || (SELECT count(*) FROM pg_prepared_xacts)
+       || ' ' || (SELECT count(*) FROM payments WHERE node = 'bench' AND status = 'succeeded')
+       || ' ' || (SELECT count(*) FROM payments WHERE node = 'bench' AND status <> 'succeeded');
+SQL
+)
+read -r inv_bad inv_neg inv_prep inv_ok inv_other <<<"$inv"
+echo "{\"ledger_mismatch_accounts\":$inv_bad,\"negative_balances\":$inv_neg,\"prepared_left\":$inv_prep,\"daemon_payments_succeeded\":$inv_ok,\"daemon_payments_other\":$inv_other}" \
+    >"$out/run-invariants.json"
+echo "accounts whose ledger != balance: $inv_bad; negative: $inv_neg; prepared left: $inv_prep; daemon payments succeeded: $inv_ok, other: $inv_other" >&2
+
+# ------------------------------------------------------------------ table + JSON
+t_end=$(date +%s)
+"$py" "$src/test/bench/report.py" table "$out" "$secs" "$naccts" "$pool" "$maxc" "$((t_end - t_start))" "$s4lat" "$concs"
