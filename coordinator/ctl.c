@@ -997,9 +997,12 @@ static int check_reference(const char *cmd, const char *s)
 
 /* ------------------------------------------------------------------ prepared */
 
-/* The prepared list straight from PostgreSQL: the query of the issue, with
- * the contract's field names and state rule; nothing is in_flight with the
- * daemon down. $1: older_than_ms or NULL. */
+/* The prepared list straight from PostgreSQL, with the contract's field names
+ * and the daemon's rules (recovery/recovery.c): recovery's attempts,
+ * last_error and review flag live in recovery_state (0 attempts without a
+ * row); state is unknown for a foreign gid or one without a payment row,
+ * review when recovery gave up, else in_doubt (with the daemon down nothing
+ * is in_flight). $1: older_than_ms or NULL. */
 static const char DB_PREPARED_SQL[] =
     "SELECT x.gid,"
     " p.payment_id::text,"
@@ -1009,11 +1012,12 @@ static const char DB_PREPARED_SQL[] =
     " to_char(x.prepared AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'),"
     " greatest(0, floor(extract(epoch FROM (now() - x.prepared)) * 1000))::bigint,"
     " CASE WHEN x.gid NOT LIKE 'pc:%' OR p.payment_id IS NULL THEN 'unknown'"
-    "      WHEN p.review THEN 'review' ELSE 'in_doubt' END,"
-    " p.node,"
-    " p.attempts,"
-    " p.last_error"
+    "      WHEN coalesce(s.review, false) THEN 'review' ELSE 'in_doubt' END,"
+    " coalesce(p.node, CASE WHEN x.gid LIKE 'pc:%' THEN split_part(x.gid, ':', 2) END),"
+    " coalesce(s.attempts, 0),"
+    " s.last_error"
     " FROM pg_prepared_xacts x LEFT JOIN payments p ON p.gid = x.gid"
+    " LEFT JOIN recovery_state s ON s.gid = x.gid"
     " WHERE x.database = current_database()"
     "   AND ($1::bigint IS NULL OR x.prepared <= now() - $1::bigint * interval '1 millisecond')"
     " ORDER BY x.prepared, x.gid";
@@ -1657,10 +1661,10 @@ int main(int argc, char **argv)
     }
     const ctl_cmd *cmd = x.nargs ? find_cmd(x.args[0]) : NULL;
     if (x.optset[O_HELP]) {
-        if (cmd && cmd->run != cmd_help)
-            print_cmd_help(stdout, cmd);
-        else if (cmd && x.nargs > 1 && find_cmd(x.args[1]))
-            print_cmd_help(stdout, find_cmd(x.args[1]));
+        /* "pay --help", "-h pay", "help pay --help" and "help --help" alike. */
+        const ctl_cmd *about = cmd && cmd->run == cmd_help && x.nargs > 1 ? find_cmd(x.args[1]) : cmd;
+        if (about)
+            print_cmd_help(stdout, about);
         else
             print_overview(stdout);
         return CTL_EXIT_OK;

@@ -21,8 +21,11 @@ for b in $builds; do
     echo "=== $b build: compile"
     cmake --build "$dir" -j"$jobs" -- --no-print-directory >/dev/null || cmake --build "$dir" -j1
     echo "=== $b build: ctest"
+    # The randomized crash driver: 200 rounds in the plain build, fewer under
+    # the (slower) sanitizers; PC_CRASH_ROUNDS overrides both.
+    if [ "$b" = sanitize ]; then rounds=${PC_CRASH_ROUNDS:-40}; else rounds=${PC_CRASH_ROUNDS:-200}; fi
     export ASAN_OPTIONS=${ASAN_OPTIONS:-abort_on_error=0:detect_leaks=1}
     export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
-    (cd "$dir" && ctest --output-on-failure --timeout 900)
+    (cd "$dir" && PC_CRASH_ROUNDS=$rounds ctest --output-on-failure --timeout 1500)
 done
 echo "=== all test builds passed: $builds"

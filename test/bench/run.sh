@@ -81,7 +81,7 @@ sim=$build/test/processor/psp-sim
 # ------------------------------------------------------------------ work dir, cleanup
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
-rm -f "$out"/*.json "$out"/*.txt
+rm -f "$out"/*.json "$out"/*.txt "$out"/*.svg
 work=$(mktemp -d /tmp/paycoord-bench.XXXXXX)
 chmod 755 "$work"
 mkdir -p "$work/runs"
@@ -203,7 +203,21 @@ daemon_run() {
     start_daemon "$name" "$psize" "$pconns" "${lines[@]}"
     bench "$name" "$@"
     stop_daemon
-    tail -n 3 "$work/runs/$name.daemon.log" >"$out/run-$name.daemon-tail.txt" 2>/dev/null || true
+    summarize_log "$name"
+}
+
+# Keep the warnings and the last lines of a daemon log; the rest is large.
+summarize_log() {
+    local log=$work/runs/$1.daemon.log
+    [ -f "$log" ] || return 0
+    {
+        echo "lines: $(wc -l <"$log"); warnings and errors: $(grep -c '^<[0-4]>' "$log" || true)"
+        { grep '^<[0-4]>' "$log" || true; } | sed 's/ts=[^ ]* //; s/gid=[^ ]* //; s/key=[^ ]* //; s/account=[^ ]* //' \
+            | cut -c1-200 | sort | uniq -c | sort -rn | head -n 10 || true
+        echo "--- last lines"
+        tail -n 5 "$log" | cut -c1-400
+    } >"$out/log-$1.txt" 2>/dev/null
+    [ "$keep" = 1 ] || rm -f "$log"
 }
 
 # ------------------------------------------------------------------ pgbench
@@ -286,46 +300,40 @@ fi
 
 # ------------------------------------------------------------------ S2
 if want s2; then
-say "S2: processor latency 200 ms, 1000 in flight on distinct accounts, pool $pool"
-sim_reset
-sim_control '{"latency_ms":200}'
-daemon_run "s2-pc1100" "$pool" 1100 "" --connections 10 --depth 100 --account-mode slot --accounts "$naccts" \
-    --duration "$secs" --warmup 3
-say "S2 again with the default processor_max_connections (64)"
-daemon_run "s2-pc64" "$pool" 64 "" --connections 10 --depth 100 --account-mode slot --accounts "$naccts" \
-    --duration "$secs" --warmup 3
-
+    say "S2: processor latency 200 ms, 1000 in flight on distinct accounts, pool $pool"
+    sim_reset
+    sim_control '{"latency_ms":200}'
+    daemon_run "s2-pc1100" "$pool" 1100 "" --connections 10 --depth 100 --account-mode slot --accounts "$naccts" \
+        --duration "$secs" --warmup 3
+    say "S2 again with the default processor_max_connections (64)"
+    daemon_run "s2-pc64" "$pool" 64 "" --connections 10 --depth 100 --account-mode slot --accounts "$naccts" \
+        --duration "$secs" --warmup 3
 fi
 
 # ------------------------------------------------------------------ S3
 if want s3; then
-say "S3: hot accounts: 64 clients, every payment on 10 accounts (processor latency 0)"
-sim_reset
-daemon_run "s3-hot10" "$pool" 64 "" --connections 64 --depth 1 --accounts 10 --duration "$secs" --warmup "$warm"
-say "S3b: hot accounts, processor latency 200 ms, 640 clients on 10 accounts (queues exceed queue_timeout_ms)"
-sim_control '{"latency_ms":200}'
-daemon_run "s3-hot10-lat200" "$pool" 64 "" --connections 64 --depth 10 --accounts 10 --duration "$secs" \
-    --warmup "$warm" --drain 30
-
+    say "S3: hot accounts: 64 clients, every payment on 10 accounts (processor latency 0)"
+    sim_reset
+    daemon_run "s3-hot10" "$pool" 64 "" --connections 64 --depth 1 --accounts 10 --duration "$secs" --warmup "$warm"
 fi
 
 # ------------------------------------------------------------------ S4
 if want s4; then
-say "S4: memory: payments held in flight at a slow processor (latency ${s4lat} ms), 1000 then 10000"
-sim_reset
-sim_control "{\"latency_ms\":$s4lat}"
-daemon_run "s4-hold" "$pool" 10500 \
-    "processor_timeout_ms = $((s4lat + 60000));payment_deadline_ms = $((s4lat + 600000));pay_wait_ms = $((s4lat + 120000));log_level = notice" \
-    --connections 20 --depth 500 --account-mode slot --accounts "$naccts" --hold-steps 1000,10000 \
-    --hold-timeout 120 --drain $((s4lat / 1000 + 120))
-say "S4b: memory: payments pending at the processor (answered 'pending', polled every 30 s)"
-sim_reset
-sim_control '{"pending_rate":1,"settle_ms":10000,"settle_status":"succeeded"}'
-daemon_run "s4-pending" "$pool" 64 \
-    "processor_poll_ms = 30000;payment_deadline_ms = 600000;pay_wait_ms = 120000;log_level = notice" \
-    --connections 20 --depth 500 --account-mode slot --accounts "$naccts" --hold-steps 1000,10000 \
-    --hold-timeout 120 --drain 150
-sim_reset
+    say "S4: memory: payments held in flight at a slow processor (latency ${s4lat} ms), 1000 then 10000"
+    sim_reset
+    sim_control "{\"latency_ms\":$s4lat}"
+    daemon_run "s4-hold" "$pool" 10000 \
+        "processor_timeout_ms = $((s4lat + 60000));payment_deadline_ms = $((s4lat + 600000));pay_wait_ms = $((s4lat + 120000));log_level = notice" \
+        --connections 20 --depth 500 --account-mode slot --accounts "$naccts" --hold-steps 1000,10000 \
+        --hold-timeout 120 --drain $((s4lat / 1000 + 120))
+    say "S4b: memory: payments pending at the processor (answered 'pending', polled every 30 s)"
+    sim_reset
+    sim_control '{"pending_rate":1,"settle_ms":10000,"settle_status":"succeeded"}'
+    daemon_run "s4-pending" "$pool" 64 \
+        "processor_poll_ms = 30000;payment_deadline_ms = 600000;pay_wait_ms = 120000;log_level = notice" \
+        --connections 20 --depth 500 --account-mode slot --accounts "$naccts" --hold-steps 1000,10000 \
+        --hold-timeout 120 --drain 150
+    sim_reset
 fi
 
 # ------------------------------------------------------------------ profile
@@ -343,12 +351,27 @@ if want profile && [ "$profile" = 1 ] && command -v perf >/dev/null; then
     wait "$perf_pid" 2>/dev/null || true
     perf_pid=
     stop_daemon
+    summarize_log profile
     perf report -i "$work/perf.data" --stdio --no-children --sort dso,symbol --percent-limit 0.7 \
         2>/dev/null | grep -v '^$' | grep -v '^ *|' | grep -v '^ *-' >"$out/profile-self.txt" || true
     perf report -i "$work/perf.data" --stdio --no-children --sort dso 2>/dev/null | grep '%' >"$out/profile-dso.txt" || true
     perf report -i "$work/perf.data" --stdio --children --sort symbol --percent-limit 3 -g none \
         2>/dev/null | grep '%' | head -60 >"$out/profile-children.txt" || true
     echo "profile: $out/profile-self.txt, profile-dso.txt, profile-children.txt" >&2
+fi
+
+# ------------------------------------------------------------------ S3b (last: it can crash the daemon)
+# A payment that waits in its account's queue keeps its queue_timeout_ms timer
+# after it leaves the queue (payment.c account_next), so a payment that waited
+# long fires "queue timeout" while it is already being charged: its client is
+# told `overloaded` and the freed payment is used again (seen: "double free or
+# corruption"). Run last so the prepared debits a crash leaves behind cannot
+# lock the accounts of other scenarios.
+if want s3; then
+    say "S3b: hot accounts, processor latency 200 ms, 640 clients on 10 accounts (queues exceed queue_timeout_ms)"
+    sim_control '{"latency_ms":200}'
+    daemon_run "s3-hot10-lat200" "$pool" 64 "" --connections 64 --depth 10 --accounts 10 --duration "$secs" \
+        --warmup "$warm" --drain 30
 fi
 
 # ------------------------------------------------------------------ invariants

@@ -407,9 +407,7 @@ static int process_create(sim_server *s, const sim_call *c)
             ctr->tombstone_hits++;
         } else if (!same_create(p, c)) {
             ctr->conflicts++;
-            error_body(s, "idempotency_conflict",
-                       "this idempotency key was used with a different amount, currency, account "
-                       "or reference");
+            error_body(s, "idempotency_conflict", NULL);
             return 409;
         } else {
             ctr->replays++;
@@ -520,11 +518,7 @@ static int process_refund(sim_server *s, const sim_call *c)
     }
     sim_store_touch(s->store, p, sim_now_ms());
     if (p->status != SIM_ST_SUCCEEDED) {
-        sim_buf *b = &s->body;
-        sim_buf_reset(b);
-        sim_buf_adds(b, "{\"error\":{\"code\":\"not_succeeded\"},\"payment\":");
-        sim_payment_json(p, b);
-        sim_buf_addc(b, '}');
+        error_body(s, "not_succeeded", NULL);
         return 409;
     }
     sim_store_refund(s->store, p);

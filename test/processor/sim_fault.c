@@ -11,25 +11,28 @@ typedef enum { F_MS, F_RATE, F_BOOL, F_STATUS, F_OPS, F_SEED } field_type;
 
 #define SEED_MAX 9007199254740991.0 /* 2^53 - 1: exact in a JSON number */
 
+#define SETTLE_MAX_MS 86400000 /* a day: "pending for the whole test" */
+
 static const struct {
     const char *name;
     field_type type;
     size_t off;
+    int64_t max_ms; /* F_MS only */
 } fields[] = {
-    {"latency_ms", F_MS, offsetof(sim_faults, latency_ms)},
-    {"jitter_ms", F_MS, offsetof(sim_faults, jitter_ms)},
-    {"decline_rate", F_RATE, offsetof(sim_faults, decline_rate)},
-    {"pending_rate", F_RATE, offsetof(sim_faults, pending_rate)},
-    {"settle_ms", F_MS, offsetof(sim_faults, settle_ms)},
-    {"settle_status", F_STATUS, offsetof(sim_faults, settle_status)},
-    {"fail_before_rate", F_RATE, offsetof(sim_faults, fail_before_rate)},
-    {"fail_after_rate", F_RATE, offsetof(sim_faults, fail_after_rate)},
-    {"drop_after_rate", F_RATE, offsetof(sim_faults, drop_after_rate)},
-    {"blackhole", F_BOOL, offsetof(sim_faults, blackhole)},
-    {"refuse_connections", F_BOOL, offsetof(sim_faults, refuse_connections)},
-    {"cancel_unsupported", F_BOOL, offsetof(sim_faults, cancel_unsupported)},
-    {"fault_ops", F_OPS, offsetof(sim_faults, fault_ops)},
-    {"seed", F_SEED, offsetof(sim_faults, seed)},
+    {"latency_ms", F_MS, offsetof(sim_faults, latency_ms), SIM_LATENCY_MAX_MS},
+    {"jitter_ms", F_MS, offsetof(sim_faults, jitter_ms), SIM_LATENCY_MAX_MS},
+    {"decline_rate", F_RATE, offsetof(sim_faults, decline_rate), 0},
+    {"pending_rate", F_RATE, offsetof(sim_faults, pending_rate), 0},
+    {"settle_ms", F_MS, offsetof(sim_faults, settle_ms), SETTLE_MAX_MS},
+    {"settle_status", F_STATUS, offsetof(sim_faults, settle_status), 0},
+    {"fail_before_rate", F_RATE, offsetof(sim_faults, fail_before_rate), 0},
+    {"fail_after_rate", F_RATE, offsetof(sim_faults, fail_after_rate), 0},
+    {"drop_after_rate", F_RATE, offsetof(sim_faults, drop_after_rate), 0},
+    {"blackhole", F_BOOL, offsetof(sim_faults, blackhole), 0},
+    {"refuse_connections", F_BOOL, offsetof(sim_faults, refuse_connections), 0},
+    {"cancel_unsupported", F_BOOL, offsetof(sim_faults, cancel_unsupported), 0},
+    {"fault_ops", F_OPS, offsetof(sim_faults, fault_ops), 0},
+    {"seed", F_SEED, offsetof(sim_faults, seed), 0},
 };
 
 #define FIELD(f, i, type) ((type *)(void *)((char *)(f) + fields[i].off))
@@ -50,8 +53,8 @@ static int set_field(sim_faults *f, size_t i, const cJSON *v, char *err, size_t 
     switch (fields[i].type) {
     case F_MS:
         if (!cJSON_IsNumber(v) || v->valuedouble != floor(v->valuedouble) || v->valuedouble < 0 ||
-            v->valuedouble > SIM_LATENCY_MAX_MS) {
-            snprintf(err, errlen, "%s must be an integer in 0..%d", name, SIM_LATENCY_MAX_MS);
+            v->valuedouble > (double)fields[i].max_ms) {
+            snprintf(err, errlen, "%s must be an integer in 0..%lld", name, (long long)fields[i].max_ms);
             return -1;
         }
         *FIELD(f, i, int64_t) = (int64_t)v->valuedouble;

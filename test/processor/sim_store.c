@@ -410,11 +410,11 @@ static void payment_json(const sim_payment *p, sim_buf *b, bool for_state)
     add_id(b, p->seq);
     sim_buf_adds(b, ",\"idempotency_key\":");
     sim_buf_add_jstr(b, p->key, p->key_len);
-    sim_buf_adds(b, ",\"amount\":");
-    sim_buf_add_i64(b, p->amount);
     if (p->tombstone) {
-        sim_buf_adds(b, ",\"currency\":null,\"account\":null");
+        sim_buf_adds(b, ",\"amount\":null,\"currency\":null,\"account\":null");
     } else {
+        sim_buf_adds(b, ",\"amount\":");
+        sim_buf_add_i64(b, p->amount);
         sim_buf_adds(b, ",\"currency\":");
         sim_buf_add_jstr(b, p->currency, 3);
         sim_buf_adds(b, ",\"account\":");
@@ -599,7 +599,7 @@ static int load_record(sim_store *st, const cJSON *o, char *err, size_t errlen)
     np.tombstone = cJSON_IsTrue(tomb);
     if (id == NULL || sim_parse_id(id, strlen(id), &seq) != 0 || key == NULL || key[0] == '\0' ||
         strlen(key) > SIM_KEY_MAX || status == NULL || (st_code = status_from_name(status)) < 0 ||
-        !jint(o, "created", &created) || !jint(o, "amount", &np.amount)) {
+        !jint(o, "created", &created) || (!np.tombstone && !jint(o, "amount", &np.amount))) {
         snprintf(err, errlen, "bad record");
         return -1;
     }

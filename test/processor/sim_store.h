@@ -65,7 +65,7 @@ typedef struct sim_payment {
     uint8_t status;        /* sim_status */
     uint8_t settle_status; /* pending: SIM_ST_SUCCEEDED or SIM_ST_DECLINED */
     bool refunded;
-    bool tombstone;        /* canceled before any create: no amount/currency/account */
+    bool tombstone;        /* canceled before any create: amount/currency/account are null */
     bool has_reference;
     char currency[4];
     char decline_code[SIM_DECLINE_CODE_MAX + 1]; /* declined, or a pending one's settle code */
