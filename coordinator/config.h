@@ -56,6 +56,9 @@ typedef struct pc_config {
     int recovery_interval_ms;
     int max_recovery_attempts;
     int processor_idempotency_window_s;
+    /* operations */
+    bool allow_root;
+    char *metrics_listen;
     /* logging */
     char *log_level;
     bool log_timestamps;
@@ -66,7 +69,7 @@ void config_defaults(pc_config *cfg);
 /* Parse FILE into *cfg (on top of defaults). On error returns -1 and writes
  * "FILE:LINE: key: problem" into err. */
 int config_load(pc_config *cfg, const char *path, char *err, size_t errlen) PC_MUSTCHECK;
-/* Cross-field checks (e.g. node_id shape, token file present). */
+/* Cross-field checks (node_id shape, URL scheme, id lists, ...). */
 int config_validate(const pc_config *cfg, char *err, size_t errlen) PC_MUSTCHECK;
 void config_free(pc_config *cfg);
 /* Copy the reloadable settings of src into dst; logs each change. */

@@ -38,7 +38,9 @@
 #define CTL_DEFAULT_SOCKET "/run/paycoord/paycoord.sock"
 #define CTL_DEFAULT_TIMEOUT_MS INT64_C(30000)
 #define CTL_TIMEOUT_MAX_MS INT64_C(86400000)     /* one day */
-#define CTL_PAY_WAIT_MARGIN_MS INT64_C(5000)     /* default timeout = wait_ms + this */
+#define CTL_PAY_WAIT_MARGIN_MS INT64_C(5000)     /* pay's default timeout: its wait + this */
+#define CTL_DAEMON_PAY_WAIT_MS INT64_C(30000)    /* the daemon's default pay_wait_ms (docs/config.md) */
+#define CTL_NODE_MAX 32
 #define CTL_LINE_MAX ((size_t)16 << 20)          /* longest answer line we accept */
 #define CTL_READ_CHUNK ((size_t)64 << 10)
 #define CTL_MAX_ARGS 8                           /* positional arguments, command included */
@@ -118,8 +120,8 @@ static void sbuf_add_printable(sbuf *b, const char *s)
 
 /* ------------------------------------------------------------------ parsing */
 
-/* Decimal digits only, no sign, 1 <= value <= INT64_MAX. */
-static bool parse_pos_i64(const char *s, int64_t *out)
+/* Decimal digits only (no sign, no fraction), 0 <= value <= INT64_MAX. */
+static bool parse_nonneg_i64(const char *s, int64_t *out)
 {
     if (!*s)
         return false;
@@ -136,14 +138,10 @@ static bool parse_pos_i64(const char *s, int64_t *out)
     return true;
 }
 
-/* Like parse_pos_i64 but 0 is allowed. */
-static bool parse_nonneg_i64(const char *s, int64_t *out)
+/* Like parse_nonneg_i64, and at least 1. */
+static bool parse_pos_i64(const char *s, int64_t *out)
 {
-    if (s[0] == '0' && s[1] == '\0') {
-        *out = 0;
-        return true;
-    }
-    return parse_pos_i64(s, out);
+    return parse_nonneg_i64(s, out) && *out >= 1;
 }
 
 /* "500ms", "30s", "5m", "2h", "1h30m": one or more <digits><unit> with unit
@@ -276,7 +274,7 @@ static bool gid_payment_id(const char *gid, char out[37])
 
 enum {
     O_SOCKET, O_JSON, O_TIMEOUT, O_DB, O_HELP, O_VERSION,
-    O_OLDER_THAN, O_REASON, O_YES, O_REFERENCE, O_WAIT_MS, O_PAYMENT_ID,
+    O_OLDER_THAN, O_REASON, O_YES, O_REFERENCE, O_WAIT_MS, O_PAYMENT_ID, O_NODE,
     O__COUNT
 };
 #define OB(o) (1u << (o))
@@ -292,6 +290,7 @@ static const struct {
     [O_OLDER_THAN] = { "older-than", true }, [O_REASON] = { "reason", true },
     [O_YES] = { "yes", false },              [O_REFERENCE] = { "reference", true },
     [O_WAIT_MS] = { "wait-ms", true },       [O_PAYMENT_ID] = { "payment-id", true },
+    [O_NODE] = { "node", true },
 };
 
 typedef struct ctl_conn {
@@ -302,6 +301,7 @@ typedef struct ctl_conn {
     char *buf;                    /* received bytes; [off, len) not consumed yet */
     size_t off, len, cap, scan;   /* scan: bytes from off known to hold no '\n' */
     int64_t next_id;
+    bool sent;                    /* a request went out: it may have taken effect */
     cJSON *stash[CTL_STASH_MAX];  /* answers to other requests of ours, read early */
     size_t nstash;
 } ctl_conn;
@@ -462,6 +462,7 @@ static int conn_send(ctl_conn *c, cJSON *req, int64_t *id_out)
         ssize_t w = send(c->fd, line + sent, n - sent, MSG_NOSIGNAL);
         if (w > 0) {
             sent += (size_t)w;
+            c->sent = true;
             continue;
         }
         if (w < 0 && errno == EINTR)
@@ -1344,7 +1345,22 @@ static int cmd_resolve(ctl_ctx *x)
 
 /* ------------------------------------------------------------------ the other commands */
 
-static int cmd_recover(ctl_ctx *x) { return simple_call(x, req_new("recover")); }
+static int cmd_recover(ctl_ctx *x)
+{
+    cJSON *req = req_new("recover");
+    if (x->optset[O_NODE]) {
+        const char *n = x->optval[O_NODE];
+        size_t len = strlen(n);
+        if (len < 1 || len > CTL_NODE_MAX ||
+            strspn(n, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-") != len) {
+            cJSON_Delete(req);
+            return usage_error(find_cmd("recover"), "--node must be 1-%d of A-Z a-z 0-9 _ - (got '%s')",
+                               CTL_NODE_MAX, n);
+        }
+        req_str(req, "node", n);
+    }
+    return simple_call(x, req);
+}
 static int cmd_stats(ctl_ctx *x) { return simple_call(x, req_new("stats")); }
 static int cmd_health(ctl_ctx *x) { return simple_call(x, req_new("health")); }
 static int cmd_ping(ctl_ctx *x) { return simple_call(x, req_new("ping")); }
@@ -1393,30 +1409,40 @@ static int money_request(ctl_ctx *x, const char *op, cJSON **out)
     return 0;
 }
 
+/* A pay or credit whose answer was lost may still have happened. */
+static int money_call(ctl_ctx *x, cJSON *req, const char *key)
+{
+    int rc = simple_call(x, req);
+    if (rc == CTL_EXIT_UNREACHABLE && x->conn.sent)
+        fprintf(stderr, "paycoordctl: the request was sent and may still take effect: check with "
+                "'paycoordctl status %s' (or run the same command again: the key makes it safe)\n", key);
+    return rc;
+}
+
 static int cmd_pay(ctl_ctx *x)
 {
     cJSON *req;
-    int64_t wait_ms = 0;
+    int64_t wait_ms = CTL_DAEMON_PAY_WAIT_MS;
     if (x->optset[O_WAIT_MS] && (!parse_nonneg_i64(x->optval[O_WAIT_MS], &wait_ms) || wait_ms > PROTO_WAIT_MS_MAX))
         return usage_error(find_cmd("pay"), "--wait-ms must be an integer from 0 to %" PRId64 " (got '%s')",
                            PROTO_WAIT_MS_MAX, x->optval[O_WAIT_MS]);
     int rc = money_request(x, "pay", &req);
     if (rc)
         return rc;
-    if (x->optset[O_WAIT_MS]) {
+    if (x->optset[O_WAIT_MS])
         req_int(req, "wait_ms", wait_ms);
-        /* The daemon may hold the answer that long: wait for it unless told otherwise. */
-        if (!x->timeout_explicit && wait_ms + CTL_PAY_WAIT_MARGIN_MS > x->timeout_ms)
-            x->conn.timeout_ms = x->timeout_ms = wait_ms + CTL_PAY_WAIT_MARGIN_MS;
-    }
-    return simple_call(x, req);
+    /* The daemon may hold the answer for the whole wait (its default unless
+     * --wait-ms): outwait it unless --timeout says otherwise. */
+    if (!x->timeout_explicit && wait_ms + CTL_PAY_WAIT_MARGIN_MS > x->timeout_ms)
+        x->conn.timeout_ms = x->timeout_ms = wait_ms + CTL_PAY_WAIT_MARGIN_MS;
+    return money_call(x, req, x->args[4]);
 }
 
 static int cmd_credit(ctl_ctx *x)
 {
     cJSON *req;
     int rc = money_request(x, "credit", &req);
-    return rc ? rc : simple_call(x, req);
+    return rc ? rc : money_call(x, req, x->args[4]);
 }
 
 static int cmd_status(ctl_ctx *x)
@@ -1452,14 +1478,14 @@ static const ctl_cmd COMMANDS[] = {
       "Ask the daemon for its version, protocol version and node id. A quick\n"
       "check that the socket is the right one and the daemon is alive.",
       "paycoordctl ping", 0, 0, 0, cmd_ping },
-    { "health", "health", "readiness: database, processor, prepared slots",
+    { "health", "health", "readiness: database, processor, prepared slots (admin)",
       "Print readiness: ready (true when the daemon takes payments), database\n"
       "(up or down), processor (up, down or circuit_open), prepared (transactions\n"
       "now prepared) and max_prepared (the server's max_prepared_transactions).\n"
       "The exit status is 0 whenever the daemon answers; read 'ready' (with --json\n"
       "in scripts) to decide.",
       "paycoordctl --json health", 0, 0, 0, cmd_health },
-    { "stats", "stats", "counters and gauges",
+    { "stats", "stats", "counters and gauges (admin)",
       "Print the daemon's counters and gauges: payments by outcome, in flight,\n"
       "prepared against max_prepared_transactions, pool use, processor latency and\n"
       "circuit state, recovery runs, clients and errors by code. Nested groups are\n"
@@ -1499,10 +1525,13 @@ static const ctl_cmd COMMANDS[] = {
       "paycoordctl resolve pc:n1:3f2a1c9e0b7d4e8a9c1f2d3e4f5a6b7c commit \\\n"
       "      --reason 'PSP dashboard shows psp_8c1 succeeded (ticket OPS-12)'",
       2, 2, OB(O_REASON) | OB(O_YES), cmd_resolve },
-    { "recover", "recover", "run one recovery pass now (admin)",
+    { "recover", "recover [--node NODE]", "run one recovery pass now (admin)",
       "Run one recovery pass now and print what it did: checked, committed,\n"
-      "rolled_back and left (still undecided, retried later).",
-      "paycoordctl recover", 0, 0, 0, cmd_recover },
+      "rolled_back and left (still undecided, retried later). --node settles the\n"
+      "gids of another node whose daemon is dead (its lock is free); while that\n"
+      "daemon lives the answer is forbidden.",
+      "paycoordctl recover\n"
+      "  paycoordctl recover --node n2", 0, 0, OB(O_NODE), cmd_recover },
     { "account", "account open ACCOUNT CURRENCY", "open an account (admin)",
       "Open ACCOUNT (1-64 characters of A-Z a-z 0-9 . _ : -) in CURRENCY (three\n"
       "upper-case letters) with balance 0. Fails with account_exists if it exists.",
@@ -1517,7 +1546,10 @@ static const ctl_cmd COMMANDS[] = {
       "same KEY never charges twice, it returns the stored payment. --wait-ms: how\n"
       "long the daemon waits for a final outcome (0: answer once the funds are held;\n"
       "default from the daemon's configuration). Status pending means the outcome\n"
-      "is not known yet; recovery settles it: check with 'status KEY'.",
+      "is not known yet; recovery settles it: check with 'status KEY'. Without\n"
+      "--timeout, paycoordctl waits the wait (30 s, the daemon's default, without\n"
+      "--wait-ms) plus 5 s. If the answer is lost, the payment may still happen:\n"
+      "'status KEY' tells, and running the same command again is safe.",
       "paycoordctl pay acct-42 1250 EUR order-123 --reference 'order 123'",
       4, 4, OB(O_REFERENCE) | OB(O_WAIT_MS), cmd_pay },
     { "credit", "credit ACCOUNT AMOUNT CURRENCY KEY [--reference R]", "add funds to an account",
@@ -1558,7 +1590,8 @@ static void print_overview(FILE *out)
           "  --socket PATH   the daemon's socket (default $PAYCOORD_SOCKET, else\n"
           "                  " CTL_DEFAULT_SOCKET ")\n"
           "  --json          print the daemon's result object as one JSON line\n"
-          "  --timeout SEC   give up after SEC seconds (default 30; 2.5, 500ms, 1m also)\n"
+          "  --timeout SEC   give up after SEC seconds (default 30, pay: its wait + 5;\n"
+          "                  2.5, 500ms, 1m also)\n"
           "  --db CONNINFO   'prepared' straight from PostgreSQL (daemon not needed)\n"
           "  -h, --help      help; 'paycoordctl help COMMAND' for one command\n"
           "  --version       print the version\n\n"
@@ -1569,7 +1602,7 @@ static void print_overview(FILE *out)
 static void print_cmd_help(FILE *out, const ctl_cmd *c)
 {
     fprintf(out, "usage: paycoordctl [OPTIONS] %s\n\n%s\n\nexample:\n  %s\n", c->usage, c->description, c->example);
-    if (c->options & (OB(O_OLDER_THAN) | OB(O_REASON) | OB(O_YES) | OB(O_REFERENCE) | OB(O_WAIT_MS) | OB(O_PAYMENT_ID)))
+    if (c->options & ~O_GLOBALS)
         fputs("\noptions:\n", out);
     if (c->options & OB(O_OLDER_THAN))
         fputs("  --older-than DURATION  only those prepared at least this long ago\n", out);
@@ -1583,6 +1616,8 @@ static void print_cmd_help(FILE *out, const ctl_cmd *c)
         fputs("  --wait-ms N            how long the daemon waits for a final outcome\n", out);
     if (c->options & OB(O_PAYMENT_ID))
         fputs("  --payment-id UUID      look up by payment id instead of KEY\n", out);
+    if (c->options & OB(O_NODE))
+        fputs("  --node NODE            settle a dead node's gids\n", out);
     fputs("\nglobal options: --socket PATH, --json, --timeout SEC (paycoordctl help)\n", out);
 }
 

@@ -42,6 +42,7 @@ typedef struct pc_stats {
     uint64_t replays, credits_applied, credits_accepted;
     uint64_t processor_calls, processor_failures;
     uint64_t lat_buckets[PC_LAT_BUCKETS];    /* processor latency histogram, ms: <=1,2,4..., +Inf */
+    double lat_sum_ms;
     uint64_t recoveries_committed, recoveries_rolled_back, recoveries_left, recovery_runs;
     uint64_t clients_accepted, clients_refused;
 } pc_stats;
@@ -74,6 +75,10 @@ typedef struct pc_daemon {
 extern pc_daemon *D;
 
 uint64_t pc_now_ms(void);              /* monotonic */
+/* Called whenever something readiness depends on changes: sends READY=1
+ * (systemd) once the daemon listens, has its database, its node lock and a
+ * finished first recovery pass. */
+void pc_readiness_changed(void);
 uint64_t pc_now_us(void);              /* monotonic */
 int64_t pc_wall_ms(void);              /* unix epoch ms */
 void pc_format_time(int64_t wall_ms, char out[32]);   /* ISO-8601 UTC with ms */
@@ -105,6 +110,7 @@ int rec_init(void) PC_MUSTCHECK;
 void rec_shutdown(void);
 bool rec_node_locked(void);          /* we hold our node's advisory lock */
 bool rec_busy(void);                 /* a recovery pass is running */
+bool rec_first_pass_done(void);      /* the startup pass has finished */
 void rec_handle_prepared(pc_request *r);
 void rec_handle_resolve(pc_request *r);
 void rec_handle_recover(pc_request *r);

@@ -8,6 +8,8 @@
  */
 #include "daemon.h"
 #include "log.h"
+#include "metrics.h"
+#include "notify.h"
 
 #include <errno.h>
 #include <getopt.h>
@@ -25,7 +27,37 @@
 pc_daemon *D;
 static pc_daemon daemon_state;
 static struct event *drain_timer;
+static struct event *startup_timer;
 static uint64_t drain_started_ms;
+static bool ready_sent;
+
+void pc_readiness_changed(void)
+{
+    if (ready_sent || D->shutting_down)
+        return;
+    if (!pgpool_is_up(D->pool) || D->max_prepared_server <= 0 || !rec_node_locked() || !rec_first_pass_done())
+        return;
+    ready_sent = true;
+    notify_send("READY=1\nSTATUS=serving: node %s", D->cfg.node_id);
+    log_notice("event=ready node=%s startup_ms=%llu", D->cfg.node_id,
+               (unsigned long long)(pc_now_ms() - D->started_ms));
+}
+
+/* Until READY=1: tell systemd what we wait for, and extend the start timeout
+ * while the startup recovery pass runs (it may be long after a crash). */
+static void startup_cb(evutil_socket_t fd, short what, void *arg)
+{
+    if (ready_sent) {
+        event_del(startup_timer);
+        return;
+    }
+    if (rec_busy())
+        notify_send("EXTEND_TIMEOUT_USEC=20000000\nSTATUS=recovering in-doubt payments");
+    else if (!pgpool_is_up(D->pool))
+        notify_send("STATUS=waiting for the database");
+    else if (!rec_node_locked())
+        notify_send("STATUS=waiting for the node lock of %s", D->cfg.node_id);
+}
 
 uint64_t pc_now_us(void)
 {
@@ -128,6 +160,7 @@ static void on_terminate(evutil_socket_t sig, short what, void *arg)
     if (D->shutting_down)
         return;
     D->shutting_down = true;
+    notify_send("STOPPING=1\nSTATUS=draining %d payments", pay_in_flight());
     log_notice("event=shutdown signal=%d in_flight=%d drain_timeout_ms=%d", (int)sig, pay_in_flight(),
                D->cfg.drain_timeout_ms);
     server_stop_listening();
@@ -140,17 +173,22 @@ static void on_reload(evutil_socket_t sig, short what, void *arg)
 {
     pc_config n;
     char err[512];
+    notify_reloading();
     config_defaults(&n);
     if (config_load(&n, D->config_path, err, sizeof(err)) != 0 || config_validate(&n, err, sizeof(err)) != 0) {
         log_error("event=reload_failed error=\"%s\" note=\"keeping the running configuration\"", err);
+        notify_send("READY=1\nSTATUS=reload failed, running the previous configuration: %.200s", err);
         config_free(&n);
         return;
     }
     config_apply_reloadable(&D->cfg, &n);
+    if (D->max_prepared_server > 0)
+        D->prepared_limit = (int)((int64_t)D->max_prepared_server * D->cfg.prepared_share_percent / 100);
     log_set_level(log_level_parse(D->cfg.log_level));
     log_set_timestamps(D->cfg.log_timestamps);
     config_free(&n);
     log_notice("event=reloaded path=%s", D->config_path);
+    notify_send("READY=1\nSTATUS=serving: node %s (configuration reloaded)", D->cfg.node_id);
 }
 
 static void on_db_state(bool up, void *arg)
@@ -199,6 +237,11 @@ int main(int argc, char **argv)
         fprintf(stderr, "paycoord: %s\n", err);
         return 1;
     }
+    if (geteuid() == 0 && !D->cfg.allow_root) {
+        fprintf(stderr, "paycoord: refusing to run as root; run it as a dedicated user "
+                        "(or set allow_root = true in %s)\n", config_path);
+        return 1;
+    }
     if (check_only) {
         printf("paycoord: configuration %s is valid\n", config_path);
         return 0;
@@ -226,6 +269,7 @@ int main(int argc, char **argv)
     D->base = event_base_new();
     if (!D->base)
         goto out;
+    notify_init(D->base);
     pgpool_config pc = { .conninfo = D->cfg.db_conninfo, .size = D->cfg.pool_size,
                          .max_queue = D->cfg.max_in_flight * 4 + 1024, .connect_timeout_ms = 5000,
                          .reconnect_min_ms = 100, .reconnect_max_ms = D->cfg.db_reconnect_max_ms };
@@ -247,8 +291,14 @@ int main(int argc, char **argv)
         log_error("event=startup_failed what=recovery");
         goto out;
     }
-    if (server_start() != 0)
+    if (server_start() != 0 || metrics_start() != 0)
         goto out;
+    startup_timer = event_new(D->base, -1, EV_PERSIST, startup_cb, NULL);
+    if (startup_timer) {
+        struct timeval st = { 5, 0 };
+        event_add(startup_timer, &st);
+    }
+    notify_send("STATUS=starting");
     struct event *sigterm = evsignal_new(D->base, SIGTERM, on_terminate, NULL);
     struct event *sigint = evsignal_new(D->base, SIGINT, on_terminate, NULL);
     struct event *sighup = evsignal_new(D->base, SIGHUP, on_reload, NULL);
@@ -267,6 +317,7 @@ int main(int argc, char **argv)
     if (left == 0 && !rec_busy()) {
         /* Nothing in flight: tear down in dependency order. (Otherwise the
          * process exit releases memory; prepared debits stay for recovery.) */
+        metrics_stop();
         rec_shutdown();
         psp_free(D->psp);
         pgpool_free(D->pool);
@@ -276,6 +327,9 @@ int main(int argc, char **argv)
         event_free(sighup);
         if (drain_timer)
             event_free(drain_timer);
+        if (startup_timer)
+            event_free(startup_timer);
+        notify_free();
         event_base_free(D->base);
         D->base = NULL;
     }

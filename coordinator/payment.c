@@ -8,8 +8,10 @@
  *  1. QUEUED      waits in memory behind the payment holding its account.
  *                 Nothing written. Crash: nothing happened.
  *  2. PHASE1      one round trip: "BEGIN; SET LOCAL synchronous_commit TO off;
- *                 pc_pay_intent(); COMMIT; BEGIN; pc_pay_debit(); PREPARE
- *                 TRANSACTION gid". The intent row commits asynchronously; the
+ *                 pc_pay_intent(); COMMIT; BEGIN; SET LOCAL lock_timeout ...;
+ *                 pc_pay_debit(); PREPARE TRANSACTION gid". A row locked by
+ *                 another node's prepared debit makes the debit retry later
+ *                 instead of parking a connection. The intent row commits asynchronously; the
  *                 PREPARE flush (1st synchronous WAL flush) makes it durable too.
  *                 Crash before PREPARE: a 'pending' row with no debit; recovery
  *                 settles it as declined (nothing charged).
@@ -493,9 +495,13 @@ static void apply_credits_cb(const pgpool_reply *r, void *arg)
             D->stats.credits_applied += (uint64_t)applied;
             log_info("event=credits_applied account=%s count=%ld", a->id, applied);
         } else {
+            /* Locked by a prepared debit this daemon does not drive: the
+             * periodic recovery pass applies them once it is settled. */
+            a->credits_pending = false;
             log_info("event=credits_deferred account=%s reason=row_locked", a->id);
         }
     } else if (r->status != PGQ_SHUTDOWN) {
+        a->credits_pending = false;     /* the periodic pass retries */
         log_warn("event=credits_apply_failed account=%s error=\"%s\"", a->id, r->errmsg);
     }
     account_next(a);
@@ -530,6 +536,10 @@ static void account_next(account *a)
         a->tail = NULL;
     a->nqueued--;
     p->next_in_queue = NULL;
+    if (p->timer) {                 /* the queue timeout no longer applies */
+        event_free(p->timer);
+        p->timer = NULL;
+    }
     a->active = p;
     start_phase1(p);
 }
@@ -564,16 +574,34 @@ static void queue_timeout_cb(evutil_socket_t fd, short what, void *arg)
 
 /* ---------------------------------------------------------------- circuit */
 
+/* Closed: everything passes. Open: nothing, until circuit_open_ms has passed;
+ * then one payment goes through as the probe (half-open) and the next is let
+ * through only after another circuit_open_ms, unless a success closes it. */
 static bool circuit_allows(void)
 {
-    if (D->circuit != CIRCUIT_OPEN)
+    if (D->circuit == CIRCUIT_CLOSED)
         return true;
-    if (pc_now_ms() >= D->circuit_until_ms) {
-        D->circuit = CIRCUIT_HALF_OPEN;
+    uint64_t now = pc_now_ms();
+    if (now < D->circuit_until_ms)
+        return false;
+    if (D->circuit == CIRCUIT_OPEN)
         log_notice("event=circuit state=half_open");
-        return true;
-    }
-    return false;
+    D->circuit = CIRCUIT_HALF_OPEN;
+    D->circuit_until_ms = now + (uint64_t)D->cfg.circuit_open_ms;
+    return true;
+}
+
+static void circuit_record(bool ok);
+
+/* 401/403: the credentials are wrong; no point in trying more payments. */
+static void circuit_open_now(void)
+{
+    if (D->circuit != CIRCUIT_OPEN)
+        log_error("event=circuit state=open reason=processor_auth alert=credentials");
+    D->circuit = CIRCUIT_OPEN;
+    D->circuit_until_ms = pc_now_ms() + (uint64_t)D->cfg.circuit_open_ms;
+    D->processor_ok = false;
+    D->stats.processor_failures++;
 }
 
 static void circuit_record(bool ok)
@@ -589,7 +617,7 @@ static void circuit_record(bool ok)
     D->processor_ok = false;
     D->stats.processor_failures++;
     D->consecutive_failures++;
-    if (D->circuit == CIRCUIT_HALF_OPEN ||
+    if ((D->circuit == CIRCUIT_HALF_OPEN && D->consecutive_failures >= 1) ||
         (D->circuit == CIRCUIT_CLOSED && D->consecutive_failures >= D->cfg.circuit_failures)) {
         D->circuit = CIRCUIT_OPEN;
         D->circuit_until_ms = pc_now_ms() + (uint64_t)D->cfg.circuit_open_ms;
@@ -601,6 +629,7 @@ static void circuit_record(bool ok)
 static void record_latency(double ms)
 {
     D->stats.processor_calls++;
+    D->stats.lat_sum_ms += ms;
     int b = 0;
     double lim = 1.0;
     while (b < PC_LAT_BUCKETS - 1 && ms > lim) {
@@ -698,7 +727,8 @@ static void lookup_cb(const pgpool_reply *r, void *arg)
     bool same = strcmp(PQgetvalue(res, 0, 3), p->account) == 0 &&
                 strtoll(PQgetvalue(res, 0, 4), NULL, 10) == p->amount &&
                 strcmp(PQgetvalue(res, 0, 5), p->currency) == 0;
-    D->stats.replays++;
+    if (same)
+        D->stats.replays++;
     while (p->waiters) {
         waiter *w = p->waiters;
         p->waiters = w->next;
@@ -844,6 +874,7 @@ static void dbcheck_cb(const pgpool_reply *r, void *arg)
 /* ---------------------------------------------------------------- processor */
 
 static void create_cb(const psp_result *res, void *arg);
+static void processor_ref_cb(const pgpool_reply *r, void *arg);
 static void poll_cb(const psp_result *res, void *arg);
 static void cancel_cb(const psp_result *res, void *arg);
 
@@ -929,17 +960,32 @@ static void create_cb(const psp_result *res, void *arg)
         circuit_record(true);
         decide(p, DEC_ROLLBACK, "invalid_request", NULL);
         return;
-    case PSP_CONFLICT:
-        /* Same gid, other body: a bug somewhere. Never guess: poll, and
-         * recovery/manual review settles it. */
+    case PSP_CONFLICT: {
+        /* Same gid, other body: a bug somewhere. Never guess: the debit stays
+         * prepared, the gid goes to manual review, clients are told pending. */
         circuit_record(true);
         log_error("payment gid=%s key=%s event=processor_conflict alert=review", p->gid, p->key);
-        start_poll(p, D->cfg.processor_poll_ms);
+        sbuf q;
+        sbuf_init(&q);
+        sbuf_puts(&q, "INSERT INTO recovery_state (gid, payment_id, attempts, last_error, review) VALUES (");
+        sbuf_literal(&q, p->gid);
+        sbuf_puts(&q, ", ");
+        sbuf_literal(&q, p->payment_id);
+        sbuf_puts(&q, ", 0, 'processor answered idempotency_conflict', true) ON CONFLICT (gid) DO UPDATE "
+                      "SET review = true, last_error = EXCLUDED.last_error, updated_at = now()");
+        if (!sbuf_ok(&q) || pgpool_query(D->pool, sbuf_str(&q), processor_ref_cb, NULL) != PGPOOL_QUEUED)
+            log_error("payment gid=%s event=review_flag_not_written alert=review", p->gid);
+        sbuf_free(&q);
+        p->prepared = false;
+        D->prepared--;
+        D->orphans++;
+        payment_done(p);
         return;
+    }
     case PSP_AUTH:
         log_error("payment gid=%s key=%s event=processor_auth_failed http=%ld alert=credentials", p->gid, p->key,
                   res->http_status);
-        circuit_record(false);
+        circuit_open_now();
         start_poll(p, D->cfg.processor_poll_ms);
         return;
     default:
@@ -1089,7 +1135,8 @@ static void phase2_done(payment *p)
     FAILPOINT("after_phase2", p->key);
     if (p->dec == DEC_COMMIT) {
         /* status 'succeeded' committed with the debit; processor_ref is
-         * written asynchronously (recovery can always ask the processor). */
+         * written asynchronously: lost in a crash, it stays NULL (the
+         * processor still has it under the gid; see docs/recovery.md). */
         payment_final(p, "succeeded");
         if (p->processor_ref[0]) {
             sbuf q;
@@ -1325,7 +1372,9 @@ void pay_handle_status(pc_request *r)
 {
     const proto_request *q = &r->req;
     payment *p = q->idempotency_key[0] ? strmap_get(by_key, q->idempotency_key) : strmap_get(by_id, q->payment_id);
-    if (p && p->state != PS_QUEUED && p->state != PS_LOOKUP) {
+    /* From memory only once the row is known to be this payment's (a replay
+     * of a settled key looks like a new payment until its lookup answers). */
+    if (p && p->intent_committed && p->state != PS_LOOKUP) {
         server_reply_ok(r, payment_json(p, false));
         return;
     }
@@ -1381,11 +1430,10 @@ static void credit_cb(const pgpool_reply *r, void *arg)
                 account_next(a);          /* applies them now if the account is free */
             }
         }
-        char now[32];
-        pc_format_time(pc_wall_ms(), now);
+        const char *created = PQgetvalue(r->results[0], 0, 1);
         log_info("event=credit credit_id=%s key=%s account=%s amount=%lld currency=%s status=%s", c->credit_id,
                  q->idempotency_key, q->account, (long long)q->amount, q->currency, status);
-        server_reply_ok(req, credit_json(c->credit_id, q, applied ? "applied" : "accepted", now, false));
+        server_reply_ok(req, credit_json(c->credit_id, q, applied ? "applied" : "accepted", created, false));
         free(c);
         return;
     }
@@ -1462,6 +1510,8 @@ void pay_handle_credit(pc_request *r)
     sbuf_puts(&s, ", ");
     sbuf_literal(&s, q->reference);
     sbuf_puts(&s, c->apply ? ", true)" : ", false)");
+    /* now() is the transaction's start: the row's created_at. */
+    sbuf_puts(&s, ", to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')");
     int rc = sbuf_ok(&s) ? pgpool_query(D->pool, sbuf_str(&s), credit_cb, c) : PGPOOL_OVERLOADED;
     sbuf_free(&s);
     if (rc != PGPOOL_QUEUED) {
@@ -1555,11 +1605,13 @@ static void max_prepared_cb(const pgpool_reply *r, void *arg)
         log_error("event=two_phase_disabled alert=config hint=\"set max_prepared_transactions in postgresql.conf\"");
     else
         log_notice("event=max_prepared server=%d our_limit=%d", D->max_prepared_server, D->prepared_limit);
+    pc_readiness_changed();
 }
 
 void pay_db_state_changed(bool up)
 {
     log_notice("event=database state=%s", up ? "up" : "down");
+    pc_readiness_changed();
     if (up && pgpool_query(D->pool, "SHOW max_prepared_transactions", max_prepared_cb, NULL) != PGPOOL_QUEUED)
         log_warn("event=max_prepared_query_failed");
 }

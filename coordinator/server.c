@@ -18,6 +18,7 @@
  */
 #include "daemon.h"
 #include "log.h"
+#include "notify.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -48,6 +49,7 @@ typedef struct pc_client {
     pid_t pid;
     bool dead;
     bool closing;                  /* flush output then close */
+    bool half_closed;              /* EOF read: close once every answer is out */
     bool read_paused;
 } pc_client;
 
@@ -55,6 +57,7 @@ static struct evconnlistener *listener;
 static pc_client *dead_clients;
 static struct event *reap_ev;
 static uint64_t next_client_id = 1;
+static bool socket_activated;
 
 /* Every live client, for shutdown. */
 typedef struct client_node { pc_client *c; struct client_node *next; } client_node;
@@ -122,7 +125,11 @@ static void request_unlink(pc_request *r)
     if (r->next)
         r->next->prev = r->prev;
     c->nrequests--;
-    if (c->read_paused && c->nrequests < D->cfg.max_client_pipeline && !c->closing) {
+    if (c->half_closed && c->nrequests == 0 && evbuffer_get_length(bufferevent_get_output(c->bev)) == 0) {
+        client_close(c, "eof");
+        return;
+    }
+    if (c->read_paused && c->nrequests < D->cfg.max_client_pipeline && !c->closing && !c->half_closed) {
         c->read_paused = false;
         bufferevent_enable(c->bev, EV_READ);
         client_read_cb(c->bev, c);        /* lines may already be buffered */
@@ -308,15 +315,28 @@ static void client_read_cb(struct bufferevent *bev, void *arg)
 static void client_write_cb(struct bufferevent *bev, void *arg)
 {
     pc_client *c = arg;
-    if (c->closing && evbuffer_get_length(bufferevent_get_output(bev)) == 0)
+    if (evbuffer_get_length(bufferevent_get_output(bev)) != 0)
+        return;
+    if (c->closing)
         client_close(c, "request_too_large");
+    else if (c->half_closed && c->nrequests == 0)
+        client_close(c, "eof");
 }
 
 static void client_event_cb(struct bufferevent *bev, short what, void *arg)
 {
     pc_client *c = arg;
-    if (what & BEV_EVENT_EOF)
+    if (what & BEV_EVENT_EOF) {
+        /* A client may shut down its sending side and still wait for its
+         * answers (echo ... | socat): keep writing until they are out. */
+        if (c->nrequests > 0 || evbuffer_get_length(bufferevent_get_output(bev)) > 0) {
+            c->half_closed = true;
+            bufferevent_disable(bev, EV_READ);
+            event_del(c->partial_timer);
+            return;
+        }
         client_close(c, "eof");
+    }
     else if (what & BEV_EVENT_ERROR)
         client_close(c, strerror(EVUTIL_SOCKET_ERROR()));
 }
@@ -385,12 +405,65 @@ static void listener_error_cb(struct evconnlistener *l, void *arg)
     log_error("event=accept_error error=\"%s\"", evutil_socket_error_to_string(err));
 }
 
+/* A listening Unix stream socket handed over by systemd (paycoord.socket). */
+static int adopt_listen_fd(int fd)
+{
+    int type = 0, acc = 0;
+    socklen_t l1 = sizeof(type), l2 = sizeof(acc);
+    if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &l1) != 0 || type != SOCK_STREAM ||
+        getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &acc, &l2) != 0 || !acc) {
+        log_error("event=listen_failed source=systemd fd=%d error=\"not a listening stream socket\"", fd);
+        return -1;
+    }
+    evutil_make_socket_nonblocking(fd);
+    evutil_make_socket_closeonexec(fd);
+    listener = evconnlistener_new(D->base, accept_cb, NULL, LEV_OPT_CLOSE_ON_FREE, -1, fd);
+    if (!listener)
+        return -1;
+    evconnlistener_set_error_cb(listener, listener_error_cb);
+    socket_activated = true;
+    log_notice("event=listening source=systemd fd=%d", fd);
+    return 0;
+}
+
+/* Others must not be able to replace our socket: refuse a directory that
+ * anyone may write to. */
+static int check_socket_dir(const char *path)
+{
+    char dir[128];
+    const char *slash = strrchr(path, '/');
+    size_t n = slash ? (size_t)(slash - path) : 0;
+    if (n == 0)
+        memcpy(dir, slash ? "/" : ".", 2);
+    else if (n < sizeof(dir)) {
+        memcpy(dir, path, n);
+        dir[n] = '\0';
+    } else
+        return -1;
+    struct stat st;
+    if (stat(dir, &st) != 0) {
+        log_error("event=listen_failed dir=%s error=\"%s\"", dir, strerror(errno));
+        return -1;
+    }
+    if (st.st_mode & S_IWOTH) {
+        log_error("event=listen_failed dir=%s error=\"directory is writable by others; use a private directory such as /run/paycoord\"",
+                  dir);
+        return -1;
+    }
+    return 0;
+}
+
 int server_start(void)
 {
     const pc_config *cfg = &D->cfg;
     live_clients = strmap_new();
     reap_ev = event_new(D->base, -1, 0, reap_cb, NULL);
     if (!live_clients || !reap_ev)
+        return -1;
+    int passed = notify_listen_fd();
+    if (passed >= 0)
+        return adopt_listen_fd(passed);
+    if (check_socket_dir(cfg->listen_socket) != 0)
         return -1;
 
     int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
@@ -460,7 +533,8 @@ void server_stop_listening(void)
     if (listener) {
         evconnlistener_free(listener);
         listener = NULL;
-        unlink(D->cfg.listen_socket);
+        if (!socket_activated)      /* systemd owns a passed-in socket's file */
+            unlink(D->cfg.listen_socket);
         log_notice("event=listener_closed");
     }
 }

@@ -92,6 +92,9 @@ static strmap *backoff;
 bool rec_node_locked(void) { return locked; }
 bool rec_busy(void) { return current != NULL; }
 
+static bool first_pass_done;
+bool rec_first_pass_done(void) { return first_pass_done; }
+
 static void schedule_tick(int ms);
 static void item_start(rec_item *it);
 static void item_done(rec_item *it);
@@ -233,7 +236,7 @@ static void commit_cb(const pgpool_reply *r, void *arg)
             query_or_log("processor_ref", sbuf_str(&q), ignore_cb, "processor_ref");
         sbuf_free(&q);
     }
-    free(strmap_del(backoff, it->gid));
+    forget(it);
     item_done(it);
 }
 
@@ -493,6 +496,10 @@ static void pass_finish(rec_pass *ps)
     query_or_log("apply_credits",
                  "SELECT pc_apply_credits(account_id) FROM (SELECT DISTINCT account_id FROM credits "
                  "WHERE status = 'accepted') a", ignore_cb, "apply_credits");
+    if (!ps->foreign && !first_pass_done) {
+        first_pass_done = true;
+        pc_readiness_changed();
+    }
     free(ps);
     schedule_tick(D->cfg.recovery_interval_ms);
 }
@@ -799,63 +806,105 @@ void rec_handle_prepared(pc_request *r)
 
 /* ---------------------------------------------------------------- admin: resolve */
 
-static void resolve_audit_cb(const pgpool_reply *r, void *arg)
+/*
+ * resolve: (1) the audit row is written first, synchronously, with outcome
+ * 'requested', so no settlement by hand ever goes unrecorded; (2) COMMIT or
+ * ROLLBACK PREPARED; (3) in one transaction: the audit row's outcome, the
+ * decline of a rolled-back payment, and the cleared review flag.
+ */
+typedef struct resolve_ctx {
+    pc_request *r;
+    char resolution_id[24];
+} resolve_ctx;
+
+static void resolve_reply(resolve_ctx *x, const char *outcome)
 {
-    pc_request *req = arg;
-    const char *outcome = req->req.action == PROTO_ACTION_COMMIT ? "committed" : "rolled_back";
-    if (r->status != PGQ_OK)
-        log_error("resolve gid=%s event=audit_write_failed outcome=%s uid=%u error=\"%s\" alert=audit", req->req.gid,
-                  outcome, (unsigned)req->uid, r->errmsg);
     cJSON *o = cJSON_CreateObject();
-    cJSON_AddStringToObject(o, "gid", req->req.gid);
+    cJSON_AddStringToObject(o, "gid", x->r->req.gid);
     cJSON_AddStringToObject(o, "outcome", outcome);
-    server_reply_ok(req, o);
+    server_reply_ok(x->r, o);
+    free(x);
 }
 
-static void resolve_cb(const pgpool_reply *r, void *arg)
+static void resolve_done_cb(const pgpool_reply *r, void *arg)
 {
-    pc_request *req = arg;
-    const proto_request *q = &req->req;
-    bool commit = q->action == PROTO_ACTION_COMMIT;
-    if (r->status == PGQ_SQL_ERROR && !strcmp(r->sqlstate, "42704")) {
-        server_reply_err(req, PROTO_ERR_NOT_FOUND, "no prepared transaction %s (settled already?)", q->gid);
-        return;
-    }
-    if (r->status != PGQ_OK) {
-        server_reply_err(req, r->status == PGQ_SQL_ERROR ? PROTO_ERR_INTERNAL : PROTO_ERR_UNAVAILABLE,
-                         "%s PREPARED failed: %s; check `prepared` before retrying", commit ? "COMMIT" : "ROLLBACK",
-                         r->status == PGQ_SQL_ERROR ? r->errmsg : "database unavailable (outcome unknown)");
-        return;
-    }
-    log_notice("resolve gid=%s event=%s uid=%u reason=\"%s\"", q->gid, commit ? "committed" : "rolled_back",
-               (unsigned)req->uid, q->reason);
-    /* The audit row, the decline (for a rollback) and the cleared review
-     * flag, in one transaction. */
+    resolve_ctx *x = arg;
+    bool commit = x->r->req.action == PROTO_ACTION_COMMIT;
+    if (r->status != PGQ_OK)
+        log_error("resolve gid=%s event=outcome_write_failed resolution_id=%s error=\"%s\" alert=audit",
+                  x->r->req.gid, x->resolution_id, r->errmsg);
+    resolve_reply(x, commit ? "committed" : "rolled_back");
+}
+
+/* Record what became of the request in its audit row (one transaction). */
+static void resolve_finish(resolve_ctx *x, const char *outcome, bool settled)
+{
+    const proto_request *q = &x->r->req;
     sbuf s;
     sbuf_init(&s);
-    sbuf_puts(&s, "BEGIN; INSERT INTO resolutions (gid, payment_id, action, outcome, reason, actor_uid, node) "
-                  "SELECT g, (SELECT payment_id FROM payments WHERE gid = g), ");
-    sbuf_literal(&s, commit ? "commit" : "rollback");
-    sbuf_puts(&s, ", ");
-    sbuf_literal(&s, commit ? "committed" : "rolled_back");
-    sbuf_puts(&s, ", ");
-    sbuf_literal(&s, q->reason);
-    sbuf_printf(&s, ", %u, ", (unsigned)req->uid);
-    sbuf_literal(&s, D->cfg.node_id);
-    sbuf_puts(&s, " FROM (SELECT ");
-    sbuf_literal(&s, q->gid);
-    sbuf_puts(&s, "::text AS g) v; ");
-    if (!commit) {
+    sbuf_puts(&s, "BEGIN; UPDATE resolutions SET outcome = ");
+    sbuf_literal(&s, outcome);
+    sbuf_printf(&s, " WHERE resolution_id = %s; ", x->resolution_id);
+    if (settled && q->action == PROTO_ACTION_ROLLBACK) {
         sbuf_puts(&s, "SELECT pc_pay_settle(payment_id, 'declined', 'resolved_manually', NULL) FROM payments WHERE gid = ");
         sbuf_literal(&s, q->gid);
         sbuf_puts(&s, "; ");
     }
-    sbuf_puts(&s, "UPDATE recovery_state SET review = false, last_error = 'resolved by hand', updated_at = now() WHERE gid = ");
+    if (settled) {
+        sbuf_puts(&s, "UPDATE recovery_state SET review = false, last_error = 'resolved by hand', updated_at = now() "
+                      "WHERE gid = ");
+        sbuf_literal(&s, q->gid);
+        sbuf_puts(&s, "; ");
+    }
+    sbuf_puts(&s, "COMMIT");
+    if (!sbuf_ok(&s) || pgpool_query(D->pool, sbuf_str(&s), settled ? resolve_done_cb : ignore_cb,
+                                     settled ? (void *)x : (void *)"resolution outcome") != PGPOOL_QUEUED) {
+        log_error("resolve gid=%s event=outcome_write_failed resolution_id=%s alert=audit", q->gid, x->resolution_id);
+        if (settled)
+            resolve_reply(x, q->action == PROTO_ACTION_COMMIT ? "committed" : "rolled_back");
+    }
+    sbuf_free(&s);
+}
+
+static void resolve_action_cb(const pgpool_reply *r, void *arg)
+{
+    resolve_ctx *x = arg;
+    const proto_request *q = &x->r->req;
+    bool commit = q->action == PROTO_ACTION_COMMIT;
+    if (r->status == PGQ_OK) {
+        log_notice("resolve gid=%s event=%s uid=%u resolution_id=%s reason=\"%s\"", q->gid,
+                   commit ? "committed" : "rolled_back", (unsigned)x->r->uid, x->resolution_id, q->reason);
+        resolve_finish(x, commit ? "committed" : "rolled_back", true);
+        return;
+    }
+    bool missing = r->status == PGQ_SQL_ERROR && !strcmp(r->sqlstate, "42704");
+    resolve_finish(x, missing ? "not_found" : r->status == PGQ_SQL_ERROR ? "failed" : "unknown", false);
+    if (missing)
+        server_reply_err(x->r, PROTO_ERR_NOT_FOUND, "no prepared transaction %s (settled already?)", q->gid);
+    else
+        server_reply_err(x->r, r->status == PGQ_SQL_ERROR ? PROTO_ERR_INTERNAL : PROTO_ERR_UNAVAILABLE,
+                         "%s PREPARED failed: %s; check `prepared` before retrying", commit ? "COMMIT" : "ROLLBACK",
+                         r->status == PGQ_SQL_ERROR ? r->errmsg : "database connection lost (outcome unknown)");
+    free(x);
+}
+
+static void resolve_audit_cb(const pgpool_reply *r, void *arg)
+{
+    resolve_ctx *x = arg;
+    const proto_request *q = &x->r->req;
+    if (r->status != PGQ_OK || PQntuples(r->results[0]) != 1) {
+        server_reply_err(x->r, PROTO_ERR_UNAVAILABLE, "could not record the resolution; nothing was changed");
+        free(x);
+        return;
+    }
+    snprintf(x->resolution_id, sizeof(x->resolution_id), "%s", PQgetvalue(r->results[0], 0, 0));
+    sbuf s;
+    sbuf_init(&s);
+    sbuf_puts(&s, q->action == PROTO_ACTION_COMMIT ? "COMMIT PREPARED " : "ROLLBACK PREPARED ");
     sbuf_literal(&s, q->gid);
-    sbuf_puts(&s, "; COMMIT");
-    if (!sbuf_ok(&s) || pgpool_query(D->pool, sbuf_str(&s), resolve_audit_cb, req) != PGPOOL_QUEUED) {
-        pgpool_reply fake = { .status = PGQ_CONN_LOST, .sqlstate = "", .errmsg = "audit not sent" };
-        resolve_audit_cb(&fake, req);
+    if (!sbuf_ok(&s) || pgpool_query(D->pool, sbuf_str(&s), resolve_action_cb, x) != PGPOOL_QUEUED) {
+        pgpool_reply fake = { .status = PGQ_CONN_LOST, .sqlstate = "", .errmsg = "not sent" };
+        resolve_action_cb(&fake, x);
     }
     sbuf_free(&s);
 }
@@ -868,13 +917,23 @@ void rec_handle_resolve(pc_request *r)
                          "gid %s is being settled by this daemon right now; retry when `prepared` shows it in_doubt", q->gid);
         return;
     }
-    sbuf s;
-    sbuf_init(&s);
-    sbuf_puts(&s, q->action == PROTO_ACTION_COMMIT ? "COMMIT PREPARED " : "ROLLBACK PREPARED ");
-    sbuf_literal(&s, q->gid);
+    resolve_ctx *x = calloc(1, sizeof(*x));
+    if (!x) {
+        server_reply_err(r, PROTO_ERR_INTERNAL, "out of memory");
+        return;
+    }
+    x->r = r;
     log_notice("resolve gid=%s event=requested action=%s uid=%u reason=\"%s\"", q->gid,
                q->action == PROTO_ACTION_COMMIT ? "commit" : "rollback", (unsigned)r->uid, q->reason);
-    if (!sbuf_ok(&s) || pgpool_query(D->pool, sbuf_str(&s), resolve_cb, r) != PGPOOL_QUEUED)
+    char uid[16];
+    snprintf(uid, sizeof(uid), "%u", (unsigned)r->uid);
+    const char *params[5] = { q->gid, q->action == PROTO_ACTION_COMMIT ? "commit" : "rollback", q->reason, uid,
+                              D->cfg.node_id };
+    if (pgpool_query_params(D->pool,
+            "INSERT INTO resolutions (gid, payment_id, action, outcome, reason, actor_uid, node) "
+            "SELECT $1, (SELECT payment_id FROM payments WHERE gid = $1), $2, 'requested', $3, $4::integer, $5 "
+            "RETURNING resolution_id", 5, params, resolve_audit_cb, x) != PGPOOL_QUEUED) {
         server_reply_err(r, PROTO_ERR_UNAVAILABLE, "database unavailable; nothing was changed");
-    sbuf_free(&s);
+        free(x);
+    }
 }

@@ -82,8 +82,9 @@ CREATE TABLE recovery_state (
     updated_at      timestamptz NOT NULL DEFAULT now()
 );
 
--- Every settlement made by hand (paycoordctl resolve) or by recovery of a
--- foreign/dead node: who, when, what, why.
+-- Every settlement made by hand (the resolve op, paycoordctl resolve): who,
+-- when, what, why. The row is written before the action ('requested') and
+-- gets its outcome after it.
 CREATE TABLE resolutions (
     resolution_id   bigserial PRIMARY KEY,
     gid             text NOT NULL,

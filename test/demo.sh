@@ -47,6 +47,7 @@ processor_token_file = $work/token
 processor_poll_ms = 100
 pay_wait_ms = 5000
 log_level = notice
+allow_root = true
 CONF
 "$build/coordinator/paycoord" --config "$work/paycoord.conf" 2> "$work/paycoord.log" &
 pids+=($!)

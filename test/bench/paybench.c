@@ -23,6 +23,7 @@
  *
  * One thread, nonblocking sockets, poll(2). No libraries beyond libc.
  */
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
@@ -224,7 +225,7 @@ typedef struct options {
     char key_prefix[96];
     const char *json_path;
     const char *label;
-    int daemon_pid, sim_pid;
+    int daemon_pid, sim_pid, pg_pid;
     double ready_s;                 /* wait for health ready up to this */
     long hold_steps[MAX_STEPS];
     int nsteps;
@@ -543,6 +544,62 @@ typedef struct proc_sample {
     bool ok;
 } proc_sample;
 
+/* Fields 3.. of /proc/PID/stat (after the command name) into v[0..n), as v[i] = field i+3. */
+static int stat_fields(int pid, unsigned long long *v, int n)
+{
+    char path[64], stat[2048];
+    snprintf(path, sizeof(path), "/proc/%d/stat", pid);
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return -1;
+    size_t len = fread(stat, 1, sizeof(stat) - 1, f);
+    fclose(f);
+    stat[len] = '\0';
+    char *p = strrchr(stat, ')');
+    if (!p)
+        return -1;
+    p += 2;
+    int i = 0;
+    if (i < n) {                    /* field 3: state, one character */
+        v[i++] = (unsigned long long)(unsigned char)*p;
+        p = strchr(p, ' ');
+    }
+    while (p && i < n) {
+        char *e;
+        v[i++] = strtoull(p + 1, &e, 10);
+        p = e && *e == ' ' ? e : NULL;
+    }
+    return i;
+}
+
+/* CPU seconds of a process and all its children, live or reaped: the
+ * PostgreSQL postmaster's utime+stime+cutime+cstime plus every live child's
+ * utime+stime (backends that exited were reaped into the postmaster's cutime). */
+static double tree_cpu_s(int pid)
+{
+    if (pid <= 0)
+        return 0;
+    unsigned long long v[15];
+    if (stat_fields(pid, v, 15) < 15)
+        return 0;
+    unsigned long long ticks = v[11] + v[12] + v[13] + v[14];      /* fields 14..17 */
+    DIR *d = opendir("/proc");
+    if (d) {
+        struct dirent *e;
+        while ((e = readdir(d))) {
+            if (e->d_name[0] < '1' || e->d_name[0] > '9')
+                continue;
+            int child = (int)strtol(e->d_name, NULL, 10);
+            unsigned long long c[13];
+            if (stat_fields(child, c, 13) == 13 && (int)c[1] == pid)   /* field 4: ppid */
+                ticks += c[11] + c[12];
+        }
+        closedir(d);
+    }
+    long hz = sysconf(_SC_CLK_TCK);
+    return (double)ticks / (double)(hz > 0 ? hz : 100);
+}
+
 static proc_sample proc_read(int pid)
 {
     proc_sample s = { 0, 0, 0, false };
@@ -702,6 +759,7 @@ typedef struct report {
     double window_s;
     proc_sample d0, d1, s0, s1;
     double self0, self1;
+    double pg0, pg1;
     unsigned long long sb0, st0, sb1, st1;
     long vmrss_idle_kb;
     step_result steps[MAX_STEPS];
@@ -737,6 +795,12 @@ static void write_report(const run *r, const report *rp)
     double bcpu = rp->self1 - rp->self0;
     double sysbusy = rp->st1 > rp->st0 ? 100.0 * (double)(rp->sb1 - rp->sb0) / (double)(rp->st1 - rp->st0) : 0;
     long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+    double pgcpu = rp->pg1 - rp->pg0;
+    long hz = sysconf(_SC_CLK_TCK);
+    double machine_s = (double)(rp->sb1 - rp->sb0) / (double)(hz > 0 ? hz : 100);
+    /* CPU of everything else on the machine in the window: other users' noise */
+    double other_s = machine_s - dcpu - scpu - bcpu - pgcpu;
+    double other_pct = rp->st1 > rp->st0 ? 100.0 * other_s * (double)(hz > 0 ? hz : 100) / (double)(rp->st1 - rp->st0) : 0;
     double cpu_per_k = r->answers_window ? dcpu * 1000.0 / (double)r->answers_window : 0;
 
     if (!o->quiet) {
@@ -754,6 +818,9 @@ static void write_report(const run *r, const report *rp)
                rp->s1.ok ? "" : "\n");
         if (rp->s1.ok)
             printf("; psp-sim cpu %.2fs\n", scpu);
+        if (o->pg_pid)
+            printf("  postgres cpu %.2fs (%.3f s per 1000 answers); other processes %.0f%% of the machine\n", pgcpu,
+                   r->answers_window ? pgcpu * 1000.0 / (double)r->answers_window : 0, other_pct);
         for (int i = 0; i < o->nsteps; i++)
             printf("  hold %ld: in_flight %lld prepared %lld VmRSS %ld KiB%s\n", rp->steps[i].target,
                    rp->steps[i].in_flight, rp->steps[i].prepared, rp->steps[i].vmrss_kb,
@@ -786,6 +853,9 @@ static void write_report(const run *r, const report *rp)
                 dcpu, cpu_per_k, rp->d1.vmhwm_kb, rp->d1.vmrss_kb, rp->vmrss_idle_kb);
     if (rp->s1.ok)
         fprintf(f, ",\"sim_cpu_s\":%.3f", scpu);
+    if (o->pg_pid)
+        fprintf(f, ",\"pg_cpu_s\":%.3f,\"pg_cpu_s_per_1000\":%.4f,\"other_cpu_pct\":%.1f", pgcpu,
+                r->answers_window ? pgcpu * 1000.0 / (double)r->answers_window : 0, other_pct);
     fprintf(f, ",\"bench_cpu_s\":%.3f,\"machine_cpu_busy_pct\":%.1f,\"ncpu\":%ld,\"drained\":%s", bcpu, sysbusy,
             ncpu, rp->drained ? "true" : "false");
     if (o->nsteps) {
@@ -825,6 +895,7 @@ static void usage(FILE *f)
         "  --key-prefix P       idempotency key prefix (pb-<pid>-<time>)\n"
         "  --pid PID            daemon pid: CPU seconds and RSS from /proc\n"
         "  --sim-pid PID        processor pid: CPU seconds\n"
+        "  --pg-pid PID         PostgreSQL postmaster pid: CPU seconds of it and its backends\n"
         "  --wait-ready S       poll the health op until ready, up to S seconds (0: don't)\n"
         "  --hold-steps A,B,..  hold mode: raise the payments in flight to A, B, ...; sample RSS at each\n"
         "  --hold-timeout S     per step (120)\n"
@@ -927,6 +998,9 @@ static int parse_args(int argc, char **argv, options *o)
         } else if (!strcmp(a, "--pid")) {
             ok = parse_long(v, 1, 1L << 30, &l);
             o->daemon_pid = (int)l;
+        } else if (!strcmp(a, "--pg-pid")) {
+            ok = parse_long(v, 1, 1L << 30, &l);
+            o->pg_pid = (int)l;
         } else if (!strcmp(a, "--sim-pid")) {
             ok = parse_long(v, 1, 1L << 30, &l);
             o->sim_pid = (int)l;
@@ -1070,6 +1144,8 @@ int main(int argc, char **argv)
         rp.d0 = proc_read(o->daemon_pid);
         rp.s0 = proc_read(o->sim_pid);
         rp.self0 = self_cpu_s();
+    rp.pg0 = tree_cpu_s(o->pg_pid);
+        rp.pg0 = tree_cpu_s(o->pg_pid);
         sys_cpu(&rp.sb0, &rp.st0);
         uint64_t t0 = now_us();
         run_hold(r, pfd, &rp);
@@ -1082,6 +1158,8 @@ int main(int argc, char **argv)
         rp.d1 = proc_read(o->daemon_pid);
         rp.s1 = proc_read(o->sim_pid);
         rp.self1 = self_cpu_s();
+    rp.pg1 = tree_cpu_s(o->pg_pid);
+        rp.pg1 = tree_cpu_s(o->pg_pid);
         sys_cpu(&rp.sb1, &rp.st1);
         r->answers_window = r->answers_total;
         r->succeeded_window = tally_get(&r->ok_status, "succeeded");
@@ -1103,6 +1181,7 @@ int main(int argc, char **argv)
     rp.d0 = proc_read(o->daemon_pid);
     rp.s0 = proc_read(o->sim_pid);
     rp.self0 = self_cpu_s();
+    rp.pg0 = tree_cpu_s(o->pg_pid);
     sys_cpu(&rp.sb0, &rp.st0);
     r->measuring = true;
     while (!interrupted && now_us() < r->t_end && live_connections(r))
@@ -1111,6 +1190,7 @@ int main(int argc, char **argv)
     rp.d1 = proc_read(o->daemon_pid);
     rp.s1 = proc_read(o->sim_pid);
     rp.self1 = self_cpu_s();
+    rp.pg1 = tree_cpu_s(o->pg_pid);
     sys_cpu(&rp.sb1, &rp.st1);
     rp.window_s = (double)((t_stop < r->t_end ? t_stop : r->t_end) - r->t_measure) / 1e6;
     r->sending = false;

@@ -28,6 +28,9 @@ def pgbench(args):
     name, clients, secs = args[0], int(args[1]), float(args[2])
     b0, t0, b1, t1 = map(int, args[3:7])
     text = open(args[7]).read()
+    pg0, pg1 = int(args[9]), int(args[10])
+    times = [float(x) for x in args[11].split()] if len(args) > 11 and args[11].strip() else [0.0, 0.0]
+    hz = int(args[12]) if len(args) > 12 else 100
     lat = []
     for path in glob.glob(os.path.join(args[8], "tx*")):
         with open(path) as f:
@@ -39,9 +42,18 @@ def pgbench(args):
     m = re.search(r"tps = ([0-9.]+) \(without initial connection time\)", text)
     failed = re.search(r"number of failed transactions: (\d+)", text)
     aborted = "Run was aborted" in text
+    tps = float(m.group(1)) if m and not aborted else 0.0
+    n = len(lat)
+    pg_cpu = (pg1 - pg0) / hz
+    bench_cpu = sum(times)
+    machine_s = (b1 - b0) / hz
+    other = machine_s - pg_cpu - bench_cpu
     print(json.dumps({
         "label": name, "kind": "pgbench", "connections": clients, "window_s": secs,
-        "answers": len(lat), "payments_per_s": float(m.group(1)) if m and not aborted else 0.0,
+        "answers": n, "payments_per_s": tps,
+        "pg_cpu_s": round(pg_cpu, 3), "pg_cpu_s_per_1000": round(pg_cpu * 1000 / n, 4) if n else 0.0,
+        "bench_cpu_s": round(bench_cpu, 3),
+        "other_cpu_pct": round(100.0 * other * hz / (t1 - t0), 1) if t1 > t0 else 0.0,
         "latency_ms": {"p50": pct(lat, 50), "p90": pct(lat, 90), "p99": pct(lat, 99),
                        "p999": pct(lat, 99.9), "max": lat[-1] if lat else 0.0},
         "failed": int(failed.group(1)) if failed else None, "aborted": aborted,
@@ -87,9 +99,18 @@ def fmt(v, nd=1):
     return str(v)
 
 
+def median(vals):
+    vals = sorted(v for v in vals if v is not None)
+    if not vals:
+        return None
+    k = len(vals)
+    return vals[k // 2] if k % 2 else (vals[k // 2 - 1] + vals[k // 2]) / 2.0
+
+
 def table(args):
     out, secs, naccts, pool, maxc = args[0], float(args[1]), int(args[2]), int(args[3]), int(args[4])
     elapsed, s4lat, concs = int(args[5]), int(args[6]), [int(c) for c in args[7].split()]
+    nrounds = int(args[8]) if len(args) > 8 else 1
     runs = {}
     for path in sorted(glob.glob(os.path.join(out, "run-*.json"))):
         try:
@@ -100,75 +121,122 @@ def table(args):
         runs[os.path.basename(path)[4:-5]] = r
     inv = runs.pop("invariants", None)
 
-    def tput(name):
-        r = runs.get(name)
-        return r["payments_per_s"] if r else None
+    # Group the rounds of a run: "s1-c16-pool16-r2" -> "s1-c16-pool16", round 2.
+    groups = {}
+    for name, r in runs.items():
+        m = re.match(r"(.*)-r(\d+)$", name)
+        base, rnd = (m.group(1), int(m.group(2))) if m else (name, 0)
+        groups.setdefault(base, {})[rnd] = r
 
-    def ratio(a, b):
-        return round(a / b, 2) if a and b else None
+    def tput_rounds(base):
+        return {k: r["payments_per_s"] for k, r in groups.get(base, {}).items()}
+
+    def tput(base):
+        return median(tput_rounds(base).values())
+
+    def paired_ratio(a, b):
+        """Median over rounds of a/b, each ratio taken within one round."""
+        ra, rb = tput_rounds(a), tput_rounds(b)
+        vals = [ra[k] / rb[k] for k in ra if k in rb and rb[k]]
+        m = median(vals)
+        return (round(m, 2) if m is not None else None), [round(v, 2) for v in vals]
+
+    def pick_median_round(g):
+        """The round whose throughput is the median (for its latency figures)."""
+        items = sorted(g.items(), key=lambda kv: kv[1]["payments_per_s"])
+        return items[(len(items) - 1) // 2][1]
 
     rows = []
-    for name, r in runs.items():
-        if "hold" in r:
+    agg = {}
+    order = sorted(groups, key=lambda b: (not b.startswith("pgbench"), not b.startswith("s1"),
+                                          b.replace("s1alt-", "s1-"), b))
+    for base in order:
+        g = groups[base]
+        if any("hold" in r for r in g.values()):
             continue
-        d = r.get("daemon", {})
-        lat = r.get("latency_ms", {})
-        errs = r.get("errors_by_code") or {}
-        st = r.get("ok_by_status") or {}
+        rm = pick_median_round(g)
+        tp = [r["payments_per_s"] for r in g.values()]
+        lat = rm.get("latency_ms", {})
+        dcpu = median([r.get("daemon", {}).get("cpu_s_per_1000") for r in g.values()])
+        pgcpu = median([r.get("pg_cpu_s_per_1000") for r in g.values()])
+        hwm = max([r.get("daemon", {}).get("vmhwm_kb", 0) for r in g.values()] or [0])
+        other = median([r.get("other_cpu_pct") for r in g.values()])
+        busy = median([r.get("machine_cpu_busy_pct") for r in g.values()])
+        errs, st = {}, {}
+        for r in g.values():
+            for k, v in (r.get("errors_by_code") or {}).items():
+                errs[k] = errs.get(k, 0) + v
+            for k, v in (r.get("ok_by_status") or {}).items():
+                if k != "succeeded":
+                    st[k] = st.get(k, 0) + v
         notes = []
         if errs:
             notes.append("errors " + " ".join(f"{k}={v}" for k, v in sorted(errs.items())))
-        others = {k: v for k, v in st.items() if k != "succeeded"}
-        if others:
-            notes.append("status " + " ".join(f"{k}={v}" for k, v in sorted(others.items())))
-        if r.get("aborted"):
+        if st:
+            notes.append("status " + " ".join(f"{k}={v}" for k, v in sorted(st.items())))
+        if any(r.get("aborted") for r in g.values()):
             notes.append("pgbench aborted")
-        vs2 = vs1 = None
-        if name.startswith("s1-c"):
-            c = int(re.match(r"s1-c(\d+)", name).group(1))
-            vs2 = ratio(r["payments_per_s"], tput(f"pgbench-2pc-c{c}"))
-            vs1 = ratio(r["payments_per_s"], tput(f"pgbench-1pc-c{c}"))
-        r["vs_pgbench_2pc"] = vs2
-        r["vs_pgbench_1pc"] = vs1
-        rows.append([name, r.get("connections", 0) * r.get("depth", 1) if r.get("depth") else r.get("connections"),
-                     fmt(r["payments_per_s"]), fmt(lat.get("p50"), 2), fmt(lat.get("p99"), 2), fmt(lat.get("p999"), 2),
-                     fmt(d.get("cpu_s_per_1000"), 3) if d else "-",
-                     fmt(round(d["vmhwm_kb"] / 1024.0, 1)) if d else "-",
-                     fmt(r.get("machine_cpu_busy_pct"), 0), fmt(vs2, 2), fmt(vs1, 2), "; ".join(notes)])
+        vs2 = vs1 = vsd = None
+        vsbase = None
+        if base.startswith("s1alt-") and base.replace("s1alt-", "s1-") in groups:
+            vsbase = paired_ratio(base, base.replace("s1alt-", "s1-"))[0]
+            notes.append(f"x baseline build {vsbase} (paired rounds)")
+        m = re.match(r"s1(?:alt)?-c(\d+)-pool", base)
+        if m:
+            c = m.group(1)
+            vs2 = paired_ratio(base, f"pgbench-2pc-c{c}")[0] if f"pgbench-2pc-c{c}" in groups else None
+            vs1 = paired_ratio(base, f"pgbench-1pc-c{c}")[0] if f"pgbench-1pc-c{c}" in groups else None
+            vsd = paired_ratio(base, f"pgbench-daemonsql-c{c}")[0] if f"pgbench-daemonsql-c{c}" in groups else None
+            # pool variants ran once, outside the rounds: compare with the median ceiling
+            if vs2 is None and tput(f"pgbench-2pc-c{c}"):
+                vs2 = round(median(tp) / tput(f"pgbench-2pc-c{c}"), 2)
+                vs1 = round(median(tp) / tput(f"pgbench-1pc-c{c}"), 2) if tput(f"pgbench-1pc-c{c}") else None
+        inflight = (rm.get("connections") or 0) * (rm.get("depth") or 1)
+        spread = f"{min(tp):.0f}-{max(tp):.0f}" if len(tp) > 1 else ""
+        agg[base] = {"rounds": len(g), "payments_per_s_median": median(tp), "payments_per_s_rounds": tp,
+                     "latency_ms_median_round": lat, "daemon_cpu_s_per_1000": dcpu, "pg_cpu_s_per_1000": pgcpu,
+                     "daemon_vmhwm_kb": hwm or None, "machine_cpu_busy_pct": busy, "other_cpu_pct": other,
+                     "errors_by_code": errs, "other_statuses": st,
+                     "vs_pgbench_2pc": vs2, "vs_pgbench_1pc": vs1, "vs_pgbench_daemonsql": vsd,
+                     "vs_baseline_build": vsbase}
+        rows.append([base, inflight, fmt(median(tp)), spread, fmt(lat.get("p50"), 2), fmt(lat.get("p99"), 2),
+                     fmt(lat.get("p999"), 2), fmt(dcpu, 3), fmt(pgcpu, 3),
+                     fmt(round(hwm / 1024.0, 1)) if hwm else "-", fmt(busy, 0), fmt(other, 0),
+                     fmt(vs2, 2), fmt(vs1, 2), "; ".join(notes)])
 
-    hdr = ["run", "in flight", "payments/s", "p50 ms", "p99 ms", "p99.9 ms", "daemon cpu s/1000", "VmHWM MiB",
-           "machine cpu %", "x pgb-2PC", "x pgb-1PC", "notes"]
+    hdr = ["run", "in flight", "payments/s", "rounds min-max", "p50 ms", "p99 ms", "p99.9 ms",
+           "daemon cpu s/1000", "postgres cpu s/1000", "daemon VmHWM MiB", "machine cpu %", "others' cpu %",
+           "x pgb-2PC", "x pgb-1PC", "notes"]
     lines = ["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
     for row in rows:
         lines.append("| " + " | ".join(str(x) for x in row) + " |")
 
-    summary = {}
-    # targets
+    summary = {"rounds": nrounds}
     for c in concs:
-        summary[f"s1_c{c}_vs_pgbench_2pc"] = ratio(tput(f"s1-c{c}-pool{pool}"), tput(f"pgbench-2pc-c{c}"))
-        summary[f"s1_c{c}_vs_pgbench_1pc"] = ratio(tput(f"s1-c{c}-pool{pool}"), tput(f"pgbench-1pc-c{c}"))
-        summary[f"s1_c{c}_vs_pgbench_daemonsql"] = ratio(tput(f"s1-c{c}-pool{pool}"),
-                                                          tput(f"pgbench-daemonsql-c{c}"))
+        base = f"s1-c{c}-pool{pool}"
+        for kind in ("2pc", "1pc", "daemonsql"):
+            if f"pgbench-{kind}-c{c}" in groups and base in groups:
+                med, per = paired_ratio(base, f"pgbench-{kind}-c{c}")
+                summary[f"s1_c{c}_vs_pgbench_{kind}"] = med
+                summary[f"s1_c{c}_vs_pgbench_{kind}_rounds"] = per
     ceiling = tput(f"s1-c{maxc}-pool{pool}")
     s2 = tput("s2-pc1100")
     if s2 is not None:
         bound_latency = 1000 / 0.200
         bound = min(bound_latency, ceiling) if ceiling else bound_latency
-        summary["s2_bound_in_flight_over_latency"] = bound_latency
-        summary["s2_ceiling_daemon_s1"] = ceiling
-        summary["s2_bound"] = bound
-        summary["s2_payments_per_s"] = s2
-        summary["s2_vs_bound"] = ratio(s2, bound)
-        summary["s2_default_proc_conns_payments_per_s"] = tput("s2-pc64")
-        summary["s2_default_proc_conns_vs_bound"] = ratio(tput("s2-pc64"), bound)
-    for name in ("s3-hot10", "s3-hot10-lat200"):
+        summary.update({"s2_bound_in_flight_over_latency": bound_latency, "s2_ceiling_daemon_s1": ceiling,
+                        "s2_bound": bound, "s2_payments_per_s": s2, "s2_vs_bound": round(s2 / bound, 2),
+                        "s2_default_proc_conns_payments_per_s": tput("s2-pc64"),
+                        "s2_default_proc_conns_vs_bound": round(tput("s2-pc64") / bound, 2) if tput("s2-pc64") else None,
+                        "s2_pgbench_2pc_ceiling": tput(f"pgbench-2pc-c{maxc}")})
+    for name in ("s3-hot10", "s3-hot10-lat200", "s3alt-hot10-lat200"):
         if name in runs:
             summary[name] = {"payments_per_s": runs[name]["payments_per_s"],
                              "ok_by_status": runs[name].get("ok_by_status"),
                              "errors_by_code": runs[name].get("errors_by_code"),
                              "latency_ms": runs[name].get("latency_ms")}
     mem_lines = []
-    for name in ("s4-hold", "s4-pending"):
+    for name in ("s4-hold", "s4alt-hold", "s4-pending"):
         r = runs.get(name)
         if not r:
             continue
@@ -178,36 +246,40 @@ def table(args):
                          "vmhwm_kb": r.get("daemon", {}).get("vmhwm_kb"),
                          "ok_by_status": r.get("ok_by_status"), "errors_by_code": r.get("errors_by_code")}
         steps = ", ".join(f"{s['prepared']} prepared: VmRSS {s['vmrss_kb'] / 1024:.1f} MiB" for s in h)
-        mem_lines.append(f"  {name}: {steps}; bytes per in-flight payment = {r.get('bytes_per_in_flight')} "
+        mem_lines.append(f"  {name}: idle VmRSS {r.get('daemon', {}).get('vmrss_idle_kb', 0) / 1024:.1f} MiB, "
+                         f"{steps}; bytes per in-flight payment = {r.get('bytes_per_in_flight')} "
                          f"(target <= 4096); answers {r.get('ok_by_status')} errors {r.get('errors_by_code')}")
 
     print()
-    print(f"paycoord benchmark: {secs:.0f}s per run, {naccts} accounts, daemon pool_size {pool} "
-          f"(unless the run name says otherwise), total {elapsed}s")
+    print(f"paycoord benchmark: {secs:.0f}s per run, {nrounds} interleaved rounds of the S1/pgbench block "
+          f"(medians), {naccts} accounts, daemon pool_size {pool} unless the name says otherwise; "
+          f"total {elapsed}s")
     print("\n".join(lines))
     print()
     print("targets:")
     for c in concs:
-        print(f"  S1 c{c}: daemon / pgbench-2PC = {summary.get(f's1_c{c}_vs_pgbench_2pc')} (target >= 1.0); "
+        print(f"  S1 c{c}: daemon / pgbench-2PC = {summary.get(f's1_c{c}_vs_pgbench_2pc')} "
+              f"(rounds {summary.get(f's1_c{c}_vs_pgbench_2pc_rounds')}; target >= 1.0); "
               f"/ pgbench-1PC = {summary.get(f's1_c{c}_vs_pgbench_1pc')}; "
-              f"/ pgbench running the daemon's own SQL = {summary.get(f's1_c{c}_vs_pgbench_daemonsql')}")
+              f"/ pgbench running the daemon's SQL = {summary.get(f's1_c{c}_vs_pgbench_daemonsql')}")
     if s2 is not None:
-        print(f"  S2: {s2:.1f}/s vs bound min(1000/0.2s = 5000, ceiling {ceiling}) = {summary['s2_bound']:.1f}: "
+        print(f"  S2: {s2:.1f}/s vs bound min(1000/0.2s = 5000, daemon ceiling {ceiling}) = {summary['s2_bound']:.1f}: "
               f"{summary['s2_vs_bound']} (target >= 0.9); with processor_max_connections=64: "
               f"{summary['s2_default_proc_conns_payments_per_s']}/s = {summary['s2_default_proc_conns_vs_bound']}")
-    for name in ("s3-hot10", "s3-hot10-lat200"):
+    for name in ("s3-hot10", "s3-hot10-lat200", "s3alt-hot10-lat200"):
         if name in summary:
-            s = summary[name]
-            print(f"  {name}: {s['payments_per_s']:.1f}/s; answers {s['ok_by_status']} errors {s['errors_by_code']}; "
-                  f"p50 {s['latency_ms']['p50']:.1f} ms p99 {s['latency_ms']['p99']:.1f} ms")
+            x = summary[name]
+            print(f"  {name}: {x['payments_per_s']:.1f}/s; answers {x['ok_by_status']} errors {x['errors_by_code']}; "
+                  f"p50 {x['latency_ms']['p50']:.1f} ms p99 {x['latency_ms']['p99']:.1f} ms")
     print("memory (S4):")
     print("\n".join(mem_lines) if mem_lines else "  not run")
     if inv:
         print(f"invariants: {inv}")
-    result = {"machine": machine(), "params": {"seconds": secs, "accounts": naccts, "pool_size": pool,
-                                               "concurrency": concs, "s4_latency_ms": s4lat,
+    result = {"machine": machine(), "params": {"seconds": secs, "rounds": nrounds, "accounts": naccts,
+                                               "pool_size": pool, "concurrency": concs, "s4_latency_ms": s4lat,
                                                "elapsed_s": elapsed},
-              "summary": summary, "invariants": inv, "runs": runs, "table_markdown": "\n".join(lines)}
+              "summary": summary, "aggregated": agg, "invariants": inv, "runs": runs,
+              "table_markdown": "\n".join(lines)}
     with open(os.path.join(out, "bench-results.json"), "w") as f:
         json.dump(result, f, indent=1)
     print(f"\nresults: {os.path.join(out, 'bench-results.json')}")

@@ -19,7 +19,10 @@
 # can run PostgreSQL (see test/pg.sh).
 #
 # Environment (defaults in brackets):
-#   BENCH_SECONDS [15]      measured seconds per run (S1, S2, S3, pgbench)
+#   BENCH_SECONDS [10]      measured seconds per run (S1, S2, S3, pgbench)
+#   BENCH_ROUNDS [3]        rounds of (pgbench 2PC, 1PC, daemon SQL, daemon S1) per
+#                           concurrency, interleaved so that noise from other
+#                           users of the machine hits both sides; medians reported
 #   BENCH_WARMUP [2]        unmeasured seconds before each daemon run
 #   BENCH_ACCOUNTS [10000]  accounts opened (S1 picks among all of them)
 #   BENCH_CONCURRENCY ["16 64"]   S1 and pgbench concurrencies
@@ -31,12 +34,17 @@
 #   BENCH_OUT [build-bench/bench-out]  results directory
 #   BENCH_BUILD [build-bench]          build directory (Release, no fail points)
 #   BENCH_KEEP [0]          keep the work directory (logs, pgbench logs)
-#   BENCH_SCENARIOS ["pgbench s1 pools s2 s3 s4 profile"]  which parts to run
+#   BENCH_ALT_DAEMON []     a second paycoord binary (e.g. a patched build) run
+#                           interleaved with the first in S1, S3b and S4 as
+#                           "s1alt-...", "s4alt-...": measures a proposal
+#   BENCH_SCENARIOS ["pgbench s1 pools s2 s3 s4 profile"]  which parts to run; also
+#                           "sqlvariants": pgbench prices of parts of the daemon's SQL
 set -euo pipefail
 
 src=$(cd "$(dirname "$0")/../.." && pwd)
 build=${BENCH_BUILD:-$src/build-bench}
-secs=${BENCH_SECONDS:-15}
+secs=${BENCH_SECONDS:-10}
+rounds=${BENCH_ROUNDS:-3}
 warm=${BENCH_WARMUP:-2}
 naccts=${BENCH_ACCOUNTS:-10000}
 concs=${BENCH_CONCURRENCY:-"16 64"}
@@ -48,6 +56,7 @@ profile=${BENCH_PROFILE:-1}
 profsecs=${BENCH_PROFILE_SECONDS:-10}
 out=${BENCH_OUT:-$build/bench-out}
 keep=${BENCH_KEEP:-0}
+alt=${BENCH_ALT_DAEMON:-}
 scenarios=" ${BENCH_SCENARIOS:-pgbench s1 pools s2 s3 s4 profile} "
 want() { case "$scenarios" in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 pgbin=${PC_PG_BIN:-/usr/lib/postgresql/15/bin}
@@ -77,6 +86,10 @@ else
 fi
 daemon=$build/coordinator/paycoord
 sim=$build/test/processor/psp-sim
+allow_root=
+if [ "$(id -u)" -eq 0 ] && "$daemon" --config-reference | grep -q '`allow_root`'; then
+    allow_root="allow_root = true"      # the daemon refuses root otherwise
+fi
 
 # ------------------------------------------------------------------ work dir, cleanup
 mkdir -p "$out"
@@ -113,6 +126,12 @@ export PC_PG_MAX_PREPARED=12000 PC_PG_MAX_CONNECTIONS=200 PC_PG_FSYNC=on PC_PG_B
 "$src/test/pg.sh" migrate "$work/pg" >/dev/null
 conninfo=$("$src/test/pg.sh" conninfo "$work/pg")
 pgsock=$work/pg/sock
+pgpm=$(head -n 1 "$work/pg/data/postmaster.pid")
+# CPU ticks of the postmaster, its reaped children and its live backends
+pg_ticks() {
+    cat /proc/[0-9]*/stat 2>/dev/null |
+        awk -v pm="$pgpm" '$1 == pm { t += $14 + $15 + $16 + $17 } $4 == pm { t += $14 + $15 } END { print t + 0 }'
+}
 as_pg() { if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
 psqlq() { as_pg "$pgbin/psql" -X -q -v ON_ERROR_STOP=1 -h "$pgsock" -U postgres -d paycoord "$@"; }
 
@@ -171,9 +190,10 @@ start_daemon() {
         echo "max_client_pipeline = 100000"
         echo "prepared_share_percent = 95"
         echo "log_level = $loglevel"
+        [ -n "$allow_root" ] && echo "$allow_root"
         for l in "$@"; do echo "$l"; done
     } >"$conf"
-    "$daemon" --config "$conf" 2>"$work/runs/$name.daemon.log" &
+    "${daemon_bin:-$daemon}" --config "$conf" 2>"$work/runs/$name.daemon.log" &
     daemon_pid=$!
 }
 
@@ -189,7 +209,7 @@ stop_daemon() {
 bench() {
     local name=$1
     shift
-    "$paybench" --socket "$work/paycoord.sock" --pid "$daemon_pid" --sim-pid "$sim_pid" --wait-ready 30 \
+    "$paybench" --socket "$work/paycoord.sock" --pid "$daemon_pid" --sim-pid "$sim_pid" --pg-pid "$pgpm" --wait-ready 30 \
         --label "$name" --key-prefix "$name-$$" --json "$out/run-$name.json" "$@" \
         | tee "$out/run-$name.txt" >&2 || echo "run.sh: paybench $name failed" >&2
 }
@@ -241,48 +261,83 @@ BEGIN \; SET LOCAL synchronous_commit TO off \; SELECT pc_pay_intent(md5('pgbd-:
 COMMIT PREPARED 'pgbd-:tag-:client_id-:r';
 BEGIN \; SET LOCAL synchronous_commit TO off \; UPDATE payments SET processor_ref = 'psp_bench_:r', updated_at = now() WHERE payment_id = md5('pgbd-:tag-:client_id-:r')::uuid \; COMMIT;
 SQL
+# Variants of the daemon's SQL, to price each part of it (BENCH_SCENARIOS=sqlvariants):
+# without the asynchronous processor_ref update (round trip 3) ...
+cat >"$work/pgb-v-noref.sql" <<'SQL'
+\set aid random(1, :naccounts)
+\set r random(1, 999999999999999)
+BEGIN \; SET LOCAL synchronous_commit TO off \; SELECT pc_pay_intent(md5('pgbv-:tag-:client_id-:r')::uuid, 'pgbv-:tag-:client_id-:r', 'acct-:aid', 1, 'USD', NULL, NULL::jsonb, 'pgbv-:tag-:client_id-:r', 'pgb', 60000) \; COMMIT \; BEGIN \; SET LOCAL lock_timeout TO '200ms' \; SELECT pc_pay_debit(md5('pgbv-:tag-:client_id-:r')::uuid, 'acct-:aid', 1) \; PREPARE TRANSACTION 'pgbv-:tag-:client_id-:r';
+COMMIT PREPARED 'pgbv-:tag-:client_id-:r';
+SQL
+# ... and also without the separate intent transaction (intent and debit in the prepared one)
+cat >"$work/pgb-v-onetx.sql" <<'SQL'
+\set aid random(1, :naccounts)
+\set r random(1, 999999999999999)
+BEGIN \; SET LOCAL lock_timeout TO '200ms' \; SELECT pc_pay_intent(md5('pgbw-:tag-:client_id-:r')::uuid, 'pgbw-:tag-:client_id-:r', 'acct-:aid', 1, 'USD', NULL, NULL::jsonb, 'pgbw-:tag-:client_id-:r', 'pgb', 60000) \; SELECT pc_pay_debit(md5('pgbw-:tag-:client_id-:r')::uuid, 'acct-:aid', 1) \; PREPARE TRANSACTION 'pgbw-:tag-:client_id-:r';
+COMMIT PREPARED 'pgbw-:tag-:client_id-:r';
+SQL
+# ... and also without the status update inside the prepared transaction
+# ('succeeded' derived from the ledger row, which commits with the debit)
+cat >"$work/pgb-v-nostatus.sql" <<'SQL'
+\set aid random(1, :naccounts)
+\set r random(1, 999999999999999)
+BEGIN \; SET LOCAL synchronous_commit TO off \; SELECT pc_pay_intent(md5('pgbx-:tag-:client_id-:r')::uuid, 'pgbx-:tag-:client_id-:r', 'acct-:aid', 1, 'USD', NULL, NULL::jsonb, 'pgbx-:tag-:client_id-:r', 'pgb', 60000) \; COMMIT \; BEGIN \; SET LOCAL lock_timeout TO '200ms' \; UPDATE accounts SET balance = balance - 1, updated_at = now() WHERE id = 'acct-:aid' AND balance >= 1 \; INSERT INTO ledger (account_id, amount, balance_after, payment_id) SELECT id, -1, balance, md5('pgbx-:tag-:client_id-:r')::uuid FROM accounts WHERE id = 'acct-:aid' \; PREPARE TRANSACTION 'pgbx-:tag-:client_id-:r';
+COMMIT PREPARED 'pgbx-:tag-:client_id-:r';
+SQL
 chmod 644 "$work"/pgb-*.sql
 
 sys_jiffies() { awk '/^cpu /{t=0; for(i=2;i<=9;i++) t+=$i; print t-$5-$6, t}' /proc/stat; }
 
 # pgbench_run NAME SCRIPT CLIENTS
 pgbench_run() {
-    local name=$1 script=$2 clients=$3 tag
+    local name=$1 script=$2 clients=$3 db=${4:-paycoord} tag
     tag=$(date +%s%N)
     local threads=2
     [ "$clients" -lt 2 ] && threads=1
     mkdir -p "$work/pgblog-$name"
     chown postgres: "$work/pgblog-$name" 2>/dev/null || true
     read -r b0 t0 < <(sys_jiffies)
-    as_pg "$pgbin/pgbench" -n -M simple -h "$pgsock" -U postgres -c "$clients" -j "$threads" -T "$secs" \
-        -D naccounts="$naccts" -D tag="$tag" -f "$script" -l --log-prefix="$work/pgblog-$name/tx" paycoord \
-        >"$work/runs/$name.pgbench.out" 2>&1 || { echo "run.sh: pgbench $name failed:" >&2; tail -n 5 "$work/runs/$name.pgbench.out" >&2; }
+    local p0 p1 tf=$work/runs/$name.time
+    p0=$(pg_ticks)
+    { TIMEFORMAT='%U %S'; time as_pg "$pgbin/pgbench" -n -M simple -h "$pgsock" -U postgres -c "$clients" \
+        -j "$threads" -T "$secs" -D naccounts="$naccts" -D tag="$tag" -f "$script" -l \
+        --log-prefix="$work/pgblog-$name/tx" "$db" >"$work/runs/$name.pgbench.out" 2>&1 \
+        || { echo "run.sh: pgbench $name failed:" >&2; tail -n 5 "$work/runs/$name.pgbench.out" >&2; }; } 2>"$tf"
+    sleep 0.2                   # let the postmaster reap the backends
+    p1=$(pg_ticks)
     read -r b1 t1 < <(sys_jiffies)
     # a client stopped by -T between PREPARE and COMMIT PREPARED: finish it
     local g
-    for g in $(psqlq -tAc "SELECT gid FROM pg_prepared_xacts WHERE gid LIKE 'pgb%'"); do
-        psqlq -c "COMMIT PREPARED '$g'" || true
+    for g in $(psqlq -tAc "SELECT gid FROM pg_prepared_xacts WHERE gid LIKE 'pgb%' AND database = '$db'"); do
+        psqlq -d "$db" -c "COMMIT PREPARED '$g'" || true
     done
     "$py" "$src/test/bench/report.py" pgbench "$name" "$clients" "$secs" "$b0" "$t0" "$b1" "$t1" \
-        "$work/runs/$name.pgbench.out" "$work/pgblog-$name" >"$out/run-$name.json"
-    "$py" -c 'import json,sys; r=json.load(open(sys.argv[1])); print("pgbench %-14s c=%-3d %8.1f tps  p50 %.2f  p99 %.2f  p99.9 %.2f ms  cpu %.0f%%" % (r["label"], r["connections"], r["payments_per_s"], r["latency_ms"]["p50"], r["latency_ms"]["p99"], r["latency_ms"]["p999"], r["machine_cpu_busy_pct"]))' "$out/run-$name.json" >&2
+        "$work/runs/$name.pgbench.out" "$work/pgblog-$name" "$p0" "$p1" "$(cat "$tf")" "$(getconf CLK_TCK)" \
+        >"$out/run-$name.json"
+    "$py" -c 'import json,sys; r=json.load(open(sys.argv[1])); print("%-26s c=%-3d %8.1f tps  p50 %.2f  p99 %.2f  p99.9 %.2f ms  machine cpu %.0f%%  postgres %.3f s/1000  other %.0f%%" % (r["label"], r["connections"], r["payments_per_s"], r["latency_ms"]["p50"], r["latency_ms"]["p99"], r["latency_ms"]["p999"], r["machine_cpu_busy_pct"], r["pg_cpu_s_per_1000"], r["other_cpu_pct"]))' "$out/run-$name.json" >&2
     rm -rf "$work/pgblog-$name"
 }
 
 t_start=$(date +%s)
 
 # ------------------------------------------------------------------ S1 with pgbench ceilings
-for c in $concs; do
-    say "concurrency $c: pgbench ceilings, then the daemon (S1, pool $pool)"
-    if want pgbench; then
-        pgbench_run "pgbench-2pc-c$c" "$work/pgb-2pc.sql" "$c"
-        pgbench_run "pgbench-1pc-c$c" "$work/pgb-1pc.sql" "$c"
-        pgbench_run "pgbench-daemonsql-c$c" "$work/pgb-daemonsql.sql" "$c"
-    fi
-    want s1 || continue
-    sim_reset
-    daemon_run "s1-c$c-pool$pool" "$pool" 64 "" --connections "$c" --depth 1 --accounts "$naccts" \
-        --duration "$secs" --warmup "$warm"
+for r in $(seq 1 "$rounds"); do
+    for c in $concs; do
+        say "round $r/$rounds, concurrency $c: pgbench ceilings, then the daemon (S1, pool $pool)"
+        if want pgbench; then
+            pgbench_run "pgbench-2pc-c$c-r$r" "$work/pgb-2pc.sql" "$c"
+            pgbench_run "pgbench-1pc-c$c-r$r" "$work/pgb-1pc.sql" "$c"
+            pgbench_run "pgbench-daemonsql-c$c-r$r" "$work/pgb-daemonsql.sql" "$c"
+        fi
+        want s1 || continue
+        sim_reset
+        daemon_run "s1-c$c-pool$pool-r$r" "$pool" 64 "" --connections "$c" --depth 1 --accounts "$naccts" \
+            --duration "$secs" --warmup "$warm"
+        if [ -n "$alt" ]; then
+            daemon_bin=$alt daemon_run "s1alt-c$c-pool$pool-r$r" "$pool" 64 "" --connections "$c" --depth 1 \
+                --accounts "$naccts" --duration "$secs" --warmup "$warm"
+        fi
+    done
 done
 for p in $pools; do
     want pools || break
@@ -326,6 +381,14 @@ if want s4; then
         "processor_timeout_ms = $((s4lat + 60000));payment_deadline_ms = $((s4lat + 600000));pay_wait_ms = $((s4lat + 120000));log_level = notice" \
         --connections 20 --depth 500 --account-mode slot --accounts "$naccts" --hold-steps 1000,10000 \
         --hold-timeout 120 --drain $((s4lat / 1000 + 120))
+    if [ -n "$alt" ]; then
+        sim_reset
+        sim_control "{\"latency_ms\":$s4lat}"
+        daemon_bin=$alt daemon_run "s4alt-hold" "$pool" 10000 \
+            "processor_timeout_ms = $((s4lat + 60000));payment_deadline_ms = $((s4lat + 600000));pay_wait_ms = $((s4lat + 120000));log_level = notice" \
+            --connections 20 --depth 500 --account-mode slot --accounts "$naccts" --hold-steps 1000,10000 \
+            --hold-timeout 120 --drain $((s4lat / 1000 + 120))
+    fi
     say "S4b: memory: payments pending at the processor (answered 'pending', polled every 30 s)"
     sim_reset
     sim_control '{"pending_rate":1,"settle_ms":10000,"settle_status":"succeeded"}'
@@ -334,6 +397,48 @@ if want s4; then
         --connections 20 --depth 500 --account-mode slot --accounts "$naccts" --hold-steps 1000,10000 \
         --hold-timeout 120 --drain 150
     sim_reset
+fi
+
+# ------------------------------------------------------------------ SQL variants (optional)
+if want sqlvariants; then
+    # hold_prepared N: N prepared transactions, each holding the row lock of one
+    # of the last N accounts (pgbench is then told to use only the others)
+    hold_prepared() {
+        local i
+        for i in $(seq 1 "$1"); do
+            echo "BEGIN; UPDATE accounts SET updated_at = now() WHERE id = 'acct-$((naccts - i + 1))'; PREPARE TRANSACTION 'hold-$i';"
+        done | psqlq >/dev/null
+    }
+    release_prepared() {
+        local g
+        for g in $(psqlq -tAc "SELECT gid FROM pg_prepared_xacts WHERE gid LIKE 'hold-%'"); do
+            echo "COMMIT PREPARED '$g';"
+        done | psqlq >/dev/null
+    }
+    # A copy of the database without the two partial indexes on payments.status
+    # (they make every status update a non-HOT update that touches every index).
+    psqlq -d postgres -c "CREATE DATABASE paycoord_nopartial TEMPLATE paycoord" >/dev/null
+    psqlq -d paycoord_nopartial -c "DROP INDEX payments_pending; DROP INDEX payments_node_pending" >/dev/null
+    for r in $(seq 1 "$rounds"); do
+        for c in $concs; do
+            say "round $r/$rounds, concurrency $c: the daemon's SQL, priced part by part (pgbench)"
+            pgbench_run "sqlv-2pc-c$c-r$r" "$work/pgb-2pc.sql" "$c"
+            pgbench_run "sqlv-daemonsql-c$c-r$r" "$work/pgb-daemonsql.sql" "$c"
+            pgbench_run "sqlv-noref-c$c-r$r" "$work/pgb-v-noref.sql" "$c"
+            pgbench_run "sqlv-onetx-c$c-r$r" "$work/pgb-v-onetx.sql" "$c"
+            pgbench_run "sqlv-noref-nopartial-c$c-r$r" "$work/pgb-v-noref.sql" "$c" paycoord_nopartial
+            pgbench_run "sqlv-noref-nostatus-c$c-r$r" "$work/pgb-v-nostatus.sql" "$c"
+            # With 300 other prepared transactions open (as with S2's 1000 in
+            # flight at 200 ms): what they cost every other transaction.
+            hold_prepared 300
+            naccts_saved=$naccts
+            naccts=$((naccts - 300))
+            pgbench_run "sqlv-2pc-held300-c$c-r$r" "$work/pgb-2pc.sql" "$c"
+            pgbench_run "sqlv-daemonsql-held300-c$c-r$r" "$work/pgb-daemonsql.sql" "$c"
+            naccts=$naccts_saved
+            release_prepared
+        done
+    done
 fi
 
 # ------------------------------------------------------------------ profile
@@ -372,6 +477,10 @@ if want s3; then
     sim_control '{"latency_ms":200}'
     daemon_run "s3-hot10-lat200" "$pool" 64 "" --connections 64 --depth 10 --accounts 10 --duration "$secs" \
         --warmup "$warm" --drain 30
+    if [ -n "$alt" ]; then
+        daemon_bin=$alt daemon_run "s3alt-hot10-lat200" "$pool" 64 "" --connections 64 --depth 10 --accounts 10 \
+            --duration "$secs" --warmup "$warm" --drain 30
+    fi
 fi
 
 # ------------------------------------------------------------------ invariants
@@ -392,4 +501,4 @@ echo "accounts whose ledger != balance: $inv_bad; negative: $inv_neg; prepared l
 
 # ------------------------------------------------------------------ table + JSON
 t_end=$(date +%s)
-"$py" "$src/test/bench/report.py" table "$out" "$secs" "$naccts" "$pool" "$maxc" "$((t_end - t_start))" "$s4lat" "$concs"
+"$py" "$src/test/bench/report.py" table "$out" "$secs" "$naccts" "$pool" "$maxc" "$((t_end - t_start))" "$s4lat" "$concs" "$rounds"

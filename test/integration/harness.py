@@ -243,6 +243,7 @@ class Daemon:
             "payment_deadline_ms": 5000,
             "drain_timeout_ms": 3000,
             "log_level": "info",
+            "allow_root": "true" if os.geteuid() == 0 else "false",
         }
         self.settings.update(settings)
         self.proc = None

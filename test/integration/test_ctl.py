@@ -103,6 +103,8 @@ def prepare(pg, gid, sql=(), params=()):
     """Leave a prepared transaction named gid that ran the given statements."""
     c = psycopg.connect(pg.conninfo, autocommit=False)
     try:
+        # A prepared debit keeps its account row locked: fail, never hang, on a second one.
+        c.execute("SET LOCAL lock_timeout = '5s'")
         for s, p in zip(sql, params):
             c.execute(s, p)
         if not sql:
@@ -162,7 +164,8 @@ def test_help_for_every_command():
             assert f" {name}" in text.splitlines()[0]
             assert "\nexample:\n  paycoordctl " in text, text
             assert len(text.split("\n\n")[1]) > 40, "a description"
-    assert "type yes" in ok(ctl("help", "resolve")) or "--yes" in ok(ctl("help", "resolve"))
+    resolve_help = ok(ctl("help", "resolve"))
+    assert "type yes" in resolve_help and "--yes" in resolve_help and "--reason" in resolve_help
     assert "--db" in ok(ctl("help", "prepared"))
     assert ok(ctl("help", "account", "open")).startswith("usage: paycoordctl [OPTIONS] account open ")
     assert ok(ctl("--help")) == overview
@@ -435,14 +438,16 @@ def test_error_answers_exit_1(env):
 
 def test_db_prepared_with_daemon_down(env):
     d = env.daemon()
-    ok(ctl("account", "open", "acct-db", "EUR", sock=d.socket))
-    ok(ctl("credit", "acct-db", 5000, "EUR", "db-top", sock=d.socket))
+    # One account per prepared debit: each holds its account's row lock.
+    for acct in ("acct-db", "acct-db2"):
+        ok(ctl("account", "open", acct, "EUR", sock=d.socket))
+        ok(ctl("credit", acct, 5000, "EUR", f"top-{acct}", sock=d.socket))
     d.stop()
     assert ctl("prepared", sock=d.socket).returncode == 3
 
     pid1, gid1 = in_doubt_payment(env.pg, "acct-db", 700, "db-1", attempts=3, last_error="processor timeout")
     time.sleep(0.05)
-    pid2, gid2 = in_doubt_payment(env.pg, "acct-db", 300, "db-2", review=True, attempts=9,
+    pid2, gid2 = in_doubt_payment(env.pg, "acct-db2", 300, "db-2", review=True, attempts=9,
                                   last_error="gave up\nafter 9 tries")
     time.sleep(0.05)
     prepare(env.pg, "ext-foreign-1")
@@ -552,15 +557,18 @@ def test_show_pending_payment_with_its_prepared_transaction(env):
     assert p["status"] == "pending"
     r = ctl("show", "sp-1", sock=d.socket)
     skip_if_admin_op_missing(r)
-    text = ok(r)
-    if p["gid"] in prepared_gids(env.pg):
-        sec = sections(text)
-        assert sec["payment"]["gid"] == p["gid"]
-        if "prepared transaction" in sec:
-            assert sec["prepared transaction"]["state"] in ("in_flight", "in_doubt")
-        sj = json.loads(ok(ctl("--json", "show", p["gid"], sock=d.socket)))
+    assert p["gid"] in prepared_gids(env.pg), "the processor holds it pending for 1.5 s"
+    sec = sections(ok(r))
+    assert sec["payment"]["gid"] == p["gid"] and sec["payment"]["status"] == "pending"
+    assert sec["prepared transaction"]["gid"] == p["gid"]
+    assert sec["prepared transaction"]["state"] in ("in_flight", "in_doubt")
+    assert sec["prepared transaction"]["amount"] == "1000"
+    for arg in ("sp-1", p["gid"]):
+        sj = json.loads(ok(ctl("--json", "show", arg, sock=d.socket)))
         assert sj["payment"]["payment_id"] == p["payment_id"]
-        assert sj["prepared"] is None or sj["prepared"]["gid"] == p["gid"]
+        assert sj["prepared"]["gid"] == p["gid"] and sj["prepared"]["payment_id"] == p["payment_id"]
+    rows = table(ok(ctl("prepared", sock=d.socket)))
+    assert [(x["gid"], x["account"], x["amount"]) for x in rows] == [(p["gid"], "acct-sp", "1000")]
     wait_for(lambda: c.ok("status", idempotency_key="sp-1")["status"] != "pending", timeout=20,
              what="payment settled")
     d.stop()

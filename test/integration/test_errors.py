@@ -198,3 +198,20 @@ def test_database_down_is_unavailable(env):
     assert r["status"] == "succeeded"
     d.stop()
     check_invariants(env.pg, env.psp, answers={"u-after": "succeeded"})
+
+
+def test_half_closed_client_still_gets_its_answers(env):
+    d = env.daemon()
+    c = d.client()
+    env.open_account(c, "acct-hc", balance=1000)
+    env.psp.faults(latency_ms=200)
+    import socket as s
+    c.send("pay", account="acct-hc", amount=10, currency="EUR", idempotency_key="hc-1")
+    c.send("ping")
+    c.sock.shutdown(s.SHUT_WR)               # like `echo ... | socat`
+    got = sorted([c.read_line(), c.read_line()], key=lambda m: m["id"])
+    assert got[0]["result"]["status"] == "succeeded" and got[1]["result"]["protocol"] == 1
+    with pytest.raises((ConnectionError, OSError)):
+        c.read_line()                        # then the daemon closes
+    d.stop()
+    check_invariants(env.pg, env.psp, answers={"hc-1": "succeeded"})
