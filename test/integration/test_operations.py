@@ -184,3 +184,17 @@ def test_metrics_endpoint(env):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/other", timeout=5)
     d.stop()
     check_invariants(env.pg, env.psp, answers={"m-1": "succeeded", "m-2": "insufficient_funds"})
+
+
+def test_systemd_units_verify(env, tmp_path):
+    """The unit files pass `systemd-analyze verify` (ExecStart pointed at the
+    built binary, since verify checks that it exists)."""
+    src = os.path.join(os.path.dirname(__file__), "..", "..", "coordinator", "systemd")
+    for name in ("paycoord.service", "paycoord.socket"):
+        with open(os.path.join(src, name)) as f:
+            text = f.read().replace("/usr/sbin/paycoord", PAYCOORD_BIN)
+        (tmp_path / name).write_text(text)
+    r = subprocess.run(["systemd-analyze", "verify", "--man=no", str(tmp_path / "paycoord.service"),
+                        str(tmp_path / "paycoord.socket")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stderr.strip() == "", r.stderr
+    check_invariants(env.pg, env.psp)
