@@ -26,6 +26,12 @@ for b in $builds; do
     if [ "$b" = sanitize ]; then rounds=${PC_CRASH_ROUNDS:-40}; else rounds=${PC_CRASH_ROUNDS:-200}; fi
     export ASAN_OPTIONS=${ASAN_OPTIONS:-abort_on_error=0:detect_leaks=1}
     export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
-    (cd "$dir" && PC_CRASH_ROUNDS=$rounds ctest --output-on-failure --timeout 1500)
+    rc=0
+    (cd "$dir" && PC_CRASH_ROUNDS=$rounds ctest --output-on-failure --timeout 1500) || rc=$?
+    if [ -f "$dir/crash-rounds.log" ]; then
+        echo "=== $b build: randomized crash rounds (seeds)"
+        cat "$dir/crash-rounds.log"
+    fi
+    [ "$rc" -eq 0 ] || { echo "=== $b build: FAILED"; exit "$rc"; }
 done
 echo "=== all test builds passed: $builds"

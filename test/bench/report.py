@@ -29,7 +29,13 @@ def pgbench(args):
     b0, t0, b1, t1 = map(int, args[3:7])
     text = open(args[7]).read()
     pg0, pg1 = int(args[9]), int(args[10])
-    times = [float(x) for x in args[11].split()] if len(args) > 11 and args[11].strip() else [0.0, 0.0]
+    times = []
+    for tok in (args[11].split() if len(args) > 11 else []):
+        try:
+            times.append(float(tok))
+        except ValueError:
+            pass
+    times = times[-2:]                          # user, system of `time` (last line)
     hz = int(args[12]) if len(args) > 12 else 100
     lat = []
     for path in glob.glob(os.path.join(args[8], "tx*")):

@@ -39,7 +39,7 @@
 #                           "s1alt-...", "s4alt-...": measures a proposal
 #   BENCH_SCENARIOS ["pgbench s1 pools s2 s3 s4 profile"]  which parts to run; also
 #                           "sqlvariants": pgbench prices of parts of the daemon's SQL
-set -euo pipefail
+set -Eeuo pipefail
 
 src=$(cd "$(dirname "$0")/../.." && pwd)
 build=${BENCH_BUILD:-$src/build-bench}
@@ -114,6 +114,7 @@ cleanup() {
     fi
 }
 trap cleanup EXIT
+trap 'echo "run.sh: failed at line $LINENO: $BASH_COMMAND" >&2' ERR
 trap 'exit 130' INT TERM
 
 # Enough descriptors for S4 (one processor connection per payment in flight).

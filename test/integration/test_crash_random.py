@@ -11,10 +11,12 @@ from crash_driver import Driver
 def test_random_crash_rounds(env, capsys):
     rounds = int(os.environ.get("PC_CRASH_ROUNDS", "200" if os.environ.get("CI") == "true" else "25"))
     first = int(os.environ.get("PC_CRASH_SEED", random.randrange(1, 2**31)))
-    lines = []
+    out = os.path.join(os.environ.get("PAYCOORD_BUILD", "/tmp"), "crash-rounds.log")
+    logf = open(out, "w")       # run-tests.sh prints it: every seed, even when all pass
 
     def log(m):
-        lines.append(m)
+        logf.write(m + "\n")
+        logf.flush()
         with capsys.disabled():
             print(m, flush=True)
 
