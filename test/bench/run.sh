@@ -130,7 +130,7 @@ pgsock=$work/pg/sock
 pgpm=$(head -n 1 "$work/pg/data/postmaster.pid")
 # CPU ticks of the postmaster, its reaped children and its live backends
 pg_ticks() {
-    cat /proc/[0-9]*/stat 2>/dev/null |
+    { cat /proc/[0-9]*/stat 2>/dev/null || true; } |      # processes come and go meanwhile
         awk -v pm="$pgpm" '$1 == pm { t += $14 + $15 + $16 + $17 } $4 == pm { t += $14 + $15 } END { print t + 0 }'
 }
 as_pg() { if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
