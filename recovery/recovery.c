@@ -421,14 +421,52 @@ static void get_cb(const psp_result *res, void *arg)
     }
 }
 
-static void item_start(rec_item *it)
+static void item_ask(rec_item *it)
 {
-    it->pass->running++;
-    it->pass->checked++;
     log_info("recovery gid=%s event=check prepared=%d age_ms=%lld attempts=%d", it->gid, it->prepared,
              (long long)it->age_ms, it->attempts);
     if (psp_get(D->psp, it->gid, get_cb, it) != 0)
         item_leave(it, "status request not sent");
+}
+
+static void still_pending_cb(const pgpool_reply *r, void *arg)
+{
+    rec_item *it = arg;
+    if (r->status != PGQ_OK) {
+        item_leave(it, "database unavailable during recheck");
+        return;
+    }
+    if (PQntuples(r->results[0]) == 0 || (!it->pass->foreign && pay_gid_is_live(it->gid))) {
+        it->pass->checked--;
+        log_info("recovery gid=%s event=settled_elsewhere", it->gid);
+        item_done(it);
+        return;
+    }
+    item_ask(it);
+}
+
+static void item_start(rec_item *it)
+{
+    it->pass->running++;
+    it->pass->checked++;
+    /* The listing is a snapshot: a live payment may have settled the row
+     * since. Prepared items find out from the database's own answers (42704);
+     * a stale pending row is read again before anything touches the processor. */
+    if (!it->pass->foreign && pay_gid_is_live(it->gid)) {
+        it->pass->checked--;
+        item_done(it);
+        return;
+    }
+    if (it->prepared) {
+        item_ask(it);
+        return;
+    }
+    const char *params[1] = { it->payment_id };
+    if (pgpool_query_params(D->pool,
+            "SELECT 1 FROM payments p WHERE p.payment_id = $1::uuid AND p.status = 'pending' "
+            "AND NOT EXISTS (SELECT 1 FROM pg_prepared_xacts x WHERE x.gid = p.gid)",
+            1, params, still_pending_cb, it) != PGPOOL_QUEUED)
+        item_leave(it, "recheck not sent");
 }
 
 /* ---------------------------------------------------------------- pass */

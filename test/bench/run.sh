@@ -10,9 +10,15 @@
 #   S1  processor latency 0, random accounts of N, concurrency 16 and 64,
 #       pool sizes; throughput, latency, daemon CPU per 1000 payments, RSS
 #   S2  processor latency 200 ms, 1000 in flight on distinct accounts
-#   S3  hot accounts: every payment on 10 accounts
-#   S4  memory: RSS with 1000 and 10000 payments in flight
+#   S3  hot accounts: every payment on 10 accounts (S3b, run last: with a
+#       200 ms processor, so that queues outlast queue_timeout_ms)
+#   S4  memory: RSS with 1000 and 10000 payments in flight, held at a slow
+#       processor (S4) or answered pending and polled (S4b)
 #   profile  perf record of the daemon under S1 (BENCH_PROFILE=0 skips it)
+#
+# The machine may be shared: pgbench and the daemon run interleaved, ratios
+# are taken within a round, and every run reports the CPU used by processes
+# that are not part of the benchmark ("others' cpu %").
 #
 # and prints one table; the same figures go to $BENCH_OUT/bench-results.json.
 # Every server it starts is stopped on exit. Run as root or as a user that
@@ -458,11 +464,13 @@ if want profile && [ "$profile" = 1 ] && command -v perf >/dev/null; then
     perf_pid=
     stop_daemon
     summarize_log profile
-    perf report -i "$work/perf.data" --stdio --no-children --sort dso,symbol --percent-limit 0.7 \
-        2>/dev/null | grep -v '^$' | grep -v '^ *|' | grep -v '^ *-' >"$out/profile-self.txt" || true
-    perf report -i "$work/perf.data" --stdio --no-children --sort dso 2>/dev/null | grep '%' >"$out/profile-dso.txt" || true
-    perf report -i "$work/perf.data" --stdio --children --sort symbol --percent-limit 3 -g none \
-        2>/dev/null | grep '%' | head -60 >"$out/profile-children.txt" || true
+    # self time by library and symbol; by library; inclusive time of named functions
+    perf report -i "$work/perf.data" --stdio --no-children --sort dso,symbol -g none --percent-limit 0.5 \
+        2>/dev/null | grep '%' | sed 's/ *- *- *$//' >"$out/profile-self.txt" || true
+    perf report -i "$work/perf.data" --stdio --no-children --sort dso -g none 2>/dev/null \
+        | grep '%' >"$out/profile-dso.txt" || true
+    perf report -i "$work/perf.data" --stdio --children --sort symbol -g none --percent-limit 1.5 2>/dev/null \
+        | grep '%' | grep -v '\] 0x0000' | sed 's/ *- *- *$//' | head -n 70 >"$out/profile-children.txt" || true
     echo "profile: $out/profile-self.txt, profile-dso.txt, profile-children.txt" >&2
 fi
 
