@@ -885,7 +885,7 @@ static void decide(payment *p, decision dec, const char *decline_code, const cha
         snprintf(p->decline_code, sizeof(p->decline_code), "%s", decline_code);
     if (psp_ref && psp_ref[0])
         snprintf(p->processor_ref, sizeof(p->processor_ref), "%s", psp_ref);
-    log_info("payment gid=%s key=%s event=decision action=%s decline_code=%s processor_ref=%s", p->gid, p->key,
+    log_debug("payment gid=%s key=%s event=decision action=%s decline_code=%s processor_ref=%s", p->gid, p->key,
              dec == DEC_COMMIT ? "commit" : "rollback", p->decline_code[0] ? p->decline_code : "-",
              p->processor_ref[0] ? p->processor_ref : "-");
     FAILPOINT("after_answer", p->key);
@@ -1164,8 +1164,8 @@ static void phase2_cb(const pgpool_reply *r, void *arg)
 {
     payment *p = arg;
     if (r->status == PGQ_OK) {
-        log_info("payment gid=%s key=%s event=%s db_ms=%.1f", p->gid, p->key,
-                 p->dec == DEC_COMMIT ? "committed" : "rolled_back", r->elapsed_ms);
+        log_debug("payment gid=%s key=%s event=%s db_ms=%.1f", p->gid, p->key,
+                  p->dec == DEC_COMMIT ? "committed" : "rolled_back", r->elapsed_ms);
         phase2_done(p);
         return;
     }

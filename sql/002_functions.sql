@@ -5,13 +5,9 @@
 --   PCNSF insufficient funds   PCNPD payment not pending
 -- docs/schema.md lists which transaction calls which function.
 
--- Phase 0 (asynchronous commit, folded into phase 1's round trip): record the
--- intent. Committed before the debit is prepared so that a replay of the key
--- never waits on a prepared transaction's uncommitted insert.
-CREATE FUNCTION pc_pay_intent(p_payment_id uuid, p_key text, p_account text, p_amount bigint,
-                              p_currency text, p_reference text, p_metadata jsonb,
-                              p_gid text, p_node text, p_deadline_ms bigint)
-RETURNS void LANGUAGE plpgsql AS $$
+-- The account exists and holds this currency, or PCUA1 / PCCM1.
+CREATE FUNCTION pc_check_account(p_account text, p_currency text)
+RETURNS void LANGUAGE plpgsql STABLE AS $$
 DECLARE
     v_currency text;
 BEGIN
@@ -23,6 +19,17 @@ BEGIN
         RAISE EXCEPTION 'account % holds %, not %', p_account, v_currency, p_currency
             USING ERRCODE = 'PCCM1';
     END IF;
+END $$;
+
+-- Phase 0 (asynchronous commit, folded into phase 1's round trip): record the
+-- intent. Committed before the debit is prepared so that a replay of the key
+-- never waits on a prepared transaction's uncommitted insert.
+CREATE FUNCTION pc_pay_intent(p_payment_id uuid, p_key text, p_account text, p_amount bigint,
+                              p_currency text, p_reference text, p_metadata jsonb,
+                              p_gid text, p_node text, p_deadline_ms bigint)
+RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pc_check_account(p_account, p_currency);
     INSERT INTO payments (payment_id, idempotency_key, account_id, amount, currency, reference,
                           metadata, gid, node, deadline)
     VALUES (p_payment_id, p_key, p_account, p_amount, p_currency, p_reference, p_metadata,
@@ -114,17 +121,8 @@ END $$;
 CREATE FUNCTION pc_credit(p_credit_id uuid, p_key text, p_account text, p_amount bigint,
                           p_currency text, p_reference text, p_apply boolean)
 RETURNS text LANGUAGE plpgsql AS $$
-DECLARE
-    v_currency text;
 BEGIN
-    SELECT currency INTO v_currency FROM accounts WHERE id = p_account;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'unknown account %', p_account USING ERRCODE = 'PCUA1';
-    END IF;
-    IF v_currency <> p_currency THEN
-        RAISE EXCEPTION 'account % holds %, not %', p_account, v_currency, p_currency
-            USING ERRCODE = 'PCCM1';
-    END IF;
+    PERFORM pc_check_account(p_account, p_currency);
     INSERT INTO credits (credit_id, idempotency_key, account_id, amount, currency, reference, status)
     VALUES (p_credit_id, p_key, p_account, p_amount, p_currency, p_reference, 'accepted')
     ON CONFLICT (idempotency_key) DO NOTHING;
