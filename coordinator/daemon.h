@@ -96,6 +96,7 @@ void ops_dispatch(pc_request *r);
 /* payment.c */
 int pay_init(void) PC_MUSTCHECK;
 void pay_shutdown(void);
+void pay_flush(void);                /* write batched processor_refs now */
 int pay_in_flight(void);
 void pay_handle_pay(pc_request *r);
 void pay_handle_status(pc_request *r);

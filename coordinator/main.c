@@ -145,7 +145,10 @@ static void drain_cb(evutil_socket_t fd, short what, void *arg)
 {
     int left = pay_in_flight();
     uint64_t elapsed = pc_now_ms() - drain_started_ms;
-    if (left == 0 || elapsed >= (uint64_t)D->cfg.drain_timeout_ms) {
+    if (left == 0)
+        pay_flush();            /* the last processor_refs; then wait for the pool */
+    bool db_idle = pgpool_busy(D->pool) == 0 && pgpool_queued(D->pool) == 0;
+    if ((left == 0 && db_idle) || elapsed >= (uint64_t)D->cfg.drain_timeout_ms) {
         if (left)
             log_warn("event=drain_timeout left_in_flight=%d note=\"prepared debits stay for recovery\"", left);
         event_base_loopbreak(D->base);

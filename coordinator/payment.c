@@ -1127,6 +1127,48 @@ static void processor_ref_cb(const pgpool_reply *r, void *arg)
         log_warn("event=processor_ref_write_failed error=\"%s\"", r->errmsg);
 }
 
+/* processor_ref of committed payments, written in batches with asynchronous
+ * commit: one UPDATE for up to REF_BATCH payments or every 20 ms, instead of
+ * a transaction per payment. Lost in a crash, the column stays NULL. */
+#define REF_BATCH 64
+static sbuf ref_values;
+static int ref_count;
+static struct event *ref_timer;
+
+static void ref_batch_flush(evutil_socket_t fd, short what, void *arg)
+{
+    if (ref_count == 0)
+        return;
+    sbuf q;
+    sbuf_init(&q);
+    sbuf_puts(&q, "BEGIN; SET LOCAL synchronous_commit TO off; UPDATE payments p SET processor_ref = v.ref, "
+                  "updated_at = now() FROM (VALUES ");
+    sbuf_add(&q, ref_values.data, ref_values.len);
+    sbuf_puts(&q, ") v(id, ref) WHERE p.payment_id = v.id::uuid; COMMIT");
+    if (!sbuf_ok(&q) || pgpool_query(D->pool, sbuf_str(&q), processor_ref_cb, NULL) != PGPOOL_QUEUED)
+        log_warn("event=processor_ref_write_skipped count=%d", ref_count);
+    sbuf_free(&q);
+    sbuf_reset(&ref_values);
+    ref_count = 0;
+}
+
+static void ref_batch_add(const payment *p)
+{
+    if (ref_count)
+        sbuf_puts(&ref_values, ", ");
+    sbuf_puts(&ref_values, "(");
+    sbuf_literal(&ref_values, p->payment_id);
+    sbuf_puts(&ref_values, ", ");
+    sbuf_literal(&ref_values, p->processor_ref);
+    sbuf_puts(&ref_values, ")");
+    if (++ref_count >= REF_BATCH || !ref_timer) {
+        ref_batch_flush(-1, 0, NULL);
+    } else if (ref_count == 1) {
+        struct timeval tv = { 0, 20000 };
+        evtimer_add(ref_timer, &tv);
+    }
+}
+
 static void phase2_done(payment *p)
 {
     p->prepared = false;
@@ -1138,18 +1180,8 @@ static void phase2_done(payment *p)
          * written asynchronously: lost in a crash, it stays NULL (the
          * processor still has it under the gid; see docs/recovery.md). */
         payment_final(p, "succeeded");
-        if (p->processor_ref[0]) {
-            sbuf q;
-            sbuf_init(&q);
-            sbuf_puts(&q, "BEGIN; SET LOCAL synchronous_commit TO off; UPDATE payments SET processor_ref = ");
-            sbuf_literal(&q, p->processor_ref);
-            sbuf_puts(&q, ", updated_at = now() WHERE payment_id = ");
-            sbuf_literal(&q, p->payment_id);
-            sbuf_puts(&q, "; COMMIT");
-            if (!sbuf_ok(&q) || pgpool_query(D->pool, sbuf_str(&q), processor_ref_cb, NULL) != PGPOOL_QUEUED)
-                log_warn("payment gid=%s event=processor_ref_write_skipped", p->gid);
-            sbuf_free(&q);
-        }
+        if (p->processor_ref[0])
+            ref_batch_add(p);
         payment_done(p);
     } else {
         /* Rolled back: answer now, write 'declined' asynchronously. */
@@ -1621,7 +1653,15 @@ int pay_init(void)
     by_key = strmap_new();
     by_id = strmap_new();
     accounts = strmap_new();
-    return (by_key && by_id && accounts) ? 0 : -1;
+    sbuf_init(&ref_values);
+    ref_timer = evtimer_new(D->base, ref_batch_flush, NULL);
+    return (by_key && by_id && accounts && ref_timer) ? 0 : -1;
+}
+
+/* On SIGTERM, before the pool goes: write the last batch. */
+void pay_flush(void)
+{
+    ref_batch_flush(-1, 0, NULL);
 }
 
 static void free_payment_entry(const char *key, void *value, void *arg)
@@ -1644,6 +1684,10 @@ static void free_account_entry(const char *key, void *value, void *arg)
 
 void pay_shutdown(void)
 {
+    if (ref_timer)
+        event_free(ref_timer);
+    ref_timer = NULL;
+    sbuf_free(&ref_values);
     if (by_key)
         strmap_each(by_key, free_payment_entry, NULL);
     if (accounts)
