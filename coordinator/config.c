@@ -58,7 +58,7 @@ static const setting settings[] = {
     { "node_id", T_STR, OFF(node_id), "n1", 0, 0, false,
       "This daemon's node id (1-32 of A-Z a-z 0-9 _ -); part of every gid `pc:<node>:<hex>`." },
     { "processor_url", T_STR, OFF(processor_url), "http://127.0.0.1:8081", 0, 0, false,
-      "Base URL of the payment processor (an IP literal, so no DNS lookup can block)." },
+      "Base URL of the payment processor (host names go through curl's threaded resolver, off the loop)." },
     { "processor_token_file", T_STR, OFF(processor_token_file), "", 0, 0, false,
       "File holding the processor bearer token; must not be readable by others." },
     { "processor_connect_timeout_ms", T_INT, OFF(processor_connect_timeout_ms), "1000", 10, 60000, false,
@@ -256,6 +256,10 @@ int config_validate(const pc_config *cfg, char *err, size_t errlen)
     }
     if (strncmp(cfg->processor_url, "http://", 7) && strncmp(cfg->processor_url, "https://", 8)) {
         snprintf(err, errlen, "processor_url: must start with http:// or https://");
+        return -1;
+    }
+    if (!cfg->processor_token_file[0]) {
+        snprintf(err, errlen, "processor_token_file: required (a file holding the processor's bearer token)");
         return -1;
     }
     if (strlen(cfg->listen_socket) >= 108) {

@@ -180,7 +180,8 @@ static void on_reload(evutil_socket_t sig, short what, void *arg)
     config_defaults(&n);
     if (config_load(&n, D->config_path, err, sizeof(err)) != 0 || config_validate(&n, err, sizeof(err)) != 0) {
         log_error("event=reload_failed error=\"%s\" note=\"keeping the running configuration\"", err);
-        notify_send("READY=1\nSTATUS=reload failed, running the previous configuration: %.200s", err);
+        if (ready_sent)
+            notify_send("READY=1\nSTATUS=reload failed, running the previous configuration: %.200s", err);
         config_free(&n);
         return;
     }
@@ -191,7 +192,10 @@ static void on_reload(evutil_socket_t sig, short what, void *arg)
     log_set_timestamps(D->cfg.log_timestamps);
     config_free(&n);
     log_notice("event=reloaded path=%s", D->config_path);
-    notify_send("READY=1\nSTATUS=serving: node %s (configuration reloaded)", D->cfg.node_id);
+    if (ready_sent)
+        notify_send("READY=1\nSTATUS=serving: node %s (configuration reloaded)", D->cfg.node_id);
+    else
+        notify_send("STATUS=configuration reloaded; still starting");
 }
 
 static void on_db_state(bool up, void *arg)

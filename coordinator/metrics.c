@@ -95,7 +95,7 @@ static void render(sbuf *b)
     sbuf_printf(b, "paycoord_processor_latency_ms_bucket{le=\"+Inf\"} %llu\n", (unsigned long long)cum);
     sbuf_printf(b, "paycoord_processor_latency_ms_sum %.3f\n", s->lat_sum_ms);
     sbuf_printf(b, "paycoord_processor_latency_ms_count %llu\n", (unsigned long long)cum);
-    metric(b, "paycoord_processor_failures_total", "counter", "Processor calls with an unknown outcome.");
+    metric(b, "paycoord_processor_failures_total", "counter", "Processor calls that failed: unknown outcome (timeout, 5xx, reset), 401/403, failed polls and cancels.");
     sbuf_printf(b, "paycoord_processor_failures_total %llu\n", (unsigned long long)s->processor_failures);
     metric(b, "paycoord_circuit_state", "gauge", "Processor circuit: 0 closed, 1 half-open, 2 open.");
     sbuf_printf(b, "paycoord_circuit_state %d\n", D->circuit == CIRCUIT_OPEN ? 2 : D->circuit == CIRCUIT_HALF_OPEN ? 1 : 0);

@@ -13,7 +13,7 @@ void notify_init(struct event_base *base);
 void notify_free(void);
 /* Sends one message, e.g. "READY=1\nSTATUS=serving". Returns 0 or -1. */
 int notify_send(const char *fmt, ...) PC_PRINTF(1, 2);
-/* "RELOADING=1" with MONOTONIC_USEC, as systemd expects for Type=notify-reload. */
+/* "RELOADING=1" with MONOTONIC_USEC, as systemd expects for Type=notify-reload (paycoord.service uses Type=notify + ExecReload). */
 void notify_reloading(void);
 bool notify_enabled(void);
 /* The first socket passed by systemd (LISTEN_PID/LISTEN_FDS), or -1. */

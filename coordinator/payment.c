@@ -946,6 +946,14 @@ static void start_create(payment *p)
 #endif
 }
 
+static void review_flag_cb(const pgpool_reply *r, void *arg)
+{
+    if (r->status != PGQ_OK)
+        log_error("event=review_flag_not_written error=\"%s\" alert=review "
+                  "note=\"a gid the processor answered idempotency_conflict for is not flagged: check `prepared`\"",
+                  r->errmsg);
+}
+
 static void create_cb(const psp_result *res, void *arg)
 {
     payment *p = arg;
@@ -973,7 +981,7 @@ static void create_cb(const psp_result *res, void *arg)
         sbuf_literal(&q, p->payment_id);
         sbuf_puts(&q, ", 0, 'processor answered idempotency_conflict', true) ON CONFLICT (gid) DO UPDATE "
                       "SET review = true, last_error = EXCLUDED.last_error, updated_at = now()");
-        if (!sbuf_ok(&q) || pgpool_query(D->pool, sbuf_str(&q), processor_ref_cb, NULL) != PGPOOL_QUEUED)
+        if (!sbuf_ok(&q) || pgpool_query(D->pool, sbuf_str(&q), review_flag_cb, NULL) != PGPOOL_QUEUED)
             log_error("payment gid=%s event=review_flag_not_written alert=review", p->gid);
         sbuf_free(&q);
         p->prepared = false;
@@ -1248,7 +1256,8 @@ static void settle_retry_cb(evutil_socket_t fd, short what, void *arg)
 static void start_settle(payment *p, const char *status, const char *decline_code, bool sync)
 {
     pay_set_state(p, PS_SETTLE);
-    snprintf(p->settle_status, sizeof(p->settle_status), "%s", status);
+    if (status != p->settle_status)         /* a retry passes the field itself */
+        snprintf(p->settle_status, sizeof(p->settle_status), "%s", status);
     if (decline_code && decline_code != p->decline_code)
         snprintf(p->decline_code, sizeof(p->decline_code), "%s", decline_code);
     p->settle_sync = sync;
@@ -1265,7 +1274,14 @@ static void start_settle(payment *p, const char *status, const char *decline_cod
     sbuf_puts(&q, ", ");
     sbuf_literal(&q, p->processor_ref[0] ? p->processor_ref : NULL);
     sbuf_puts(&q, sync ? ")" : "); COMMIT");
-    int rc = sbuf_ok(&q) ? pgpool_query(D->pool, sbuf_str(&q), settle_cb, p) : PGPOOL_OVERLOADED;
+    int rc;
+#ifdef PAYCOORD_FAILPOINTS
+    /* Non-fatal test point: the first settle attempt finds the database gone. */
+    if (p->attempts == 0 && failpoint_armed("settle_unavailable", p->key))
+        rc = PGPOOL_UNAVAILABLE;
+    else
+#endif
+        rc = sbuf_ok(&q) ? pgpool_query(D->pool, sbuf_str(&q), settle_cb, p) : PGPOOL_OVERLOADED;
     sbuf_free(&q);
     if (rc != PGPOOL_QUEUED) {
         pay_set_state(p, PS_SETTLE_WAIT);

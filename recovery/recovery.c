@@ -809,7 +809,9 @@ static void prepared_cb(const pgpool_reply *r, void *arg)
                 cJSON_AddStringToObject(t, names[c], PQgetvalue(res, i, c));
         }
         const char *state = "unknown";
-        if (has_row && strncmp(gid, "pc:", 3) == 0) {
+        char ours[48];
+        snprintf(ours, sizeof(ours), "pc:%s:", D->cfg.node_id);
+        if (has_row && strncmp(gid, ours, strlen(ours)) == 0) {
             if (pay_gid_is_live(gid))
                 state = "in_flight";
             else if (PQgetvalue(res, i, 10)[0] == 't')
@@ -926,6 +928,28 @@ static void resolve_action_cb(const pgpool_reply *r, void *arg)
     free(x);
 }
 
+static void resolve_audit_start(resolve_ctx *x);
+
+static void resolve_owner_cb(const pgpool_reply *r, void *arg)
+{
+    resolve_ctx *x = arg;
+    const proto_request *q = &x->r->req;
+    if (r->status != PGQ_OK) {
+        server_reply_err(x->r, PROTO_ERR_UNAVAILABLE, "database unavailable; nothing was changed");
+        free(x);
+        return;
+    }
+    const char *node = PQgetvalue(r->results[0], 0, 0);
+    bool alive = PQgetvalue(r->results[0], 0, 1)[0] == 't';
+    if (strncmp(q->gid, "pc:", 3) == 0 && strcmp(node, D->cfg.node_id) != 0 && alive) {
+        server_reply_err(x->r, PROTO_ERR_FORBIDDEN, "gid %s belongs to node %s, which is alive: resolve it there",
+                         q->gid, node);
+        free(x);
+        return;
+    }
+    resolve_audit_start(x);
+}
+
 static void resolve_audit_cb(const pgpool_reply *r, void *arg)
 {
     resolve_ctx *x = arg;
@@ -961,6 +985,22 @@ void rec_handle_resolve(pc_request *r)
         return;
     }
     x->r = r;
+    /* Another paycoord node's gid: only while that node is dead (its lock free). */
+    const char *params[1] = { q->gid };
+    if (pgpool_query_params(D->pool,
+            "SELECT split_part($1, ':', 2), EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' "
+            "  AND classid = " REC_LOCK_CLASS " AND objsubid = 2 AND granted "
+            "  AND objid = (hashtext(split_part($1, ':', 2))::bigint & 4294967295)::oid)",
+            1, params, resolve_owner_cb, x) != PGPOOL_QUEUED) {
+        server_reply_err(r, PROTO_ERR_UNAVAILABLE, "database unavailable; nothing was changed");
+        free(x);
+    }
+}
+
+static void resolve_audit_start(resolve_ctx *x)
+{
+    pc_request *r = x->r;
+    const proto_request *q = &r->req;
     log_notice("resolve gid=%s event=requested action=%s uid=%u reason=\"%s\"", q->gid,
                q->action == PROTO_ACTION_COMMIT ? "commit" : "rollback", (unsigned)r->uid, q->reason);
     char uid[16];

@@ -45,7 +45,7 @@ END $$;
 -- the status shows only if the debit commits. Insufficient funds raises PCNSF:
 -- the transaction aborts and is never prepared (every prepared transaction of
 -- ours is a real debit), and the daemon records 'insufficient_funds' with
--- pc_pay_insufficient in a transaction of its own.
+-- pc_pay_settle in a transaction of its own.
 CREATE FUNCTION pc_pay_debit(p_payment_id uuid, p_account text, p_amount bigint)
 RETURNS text LANGUAGE plpgsql AS $$
 DECLARE

@@ -239,6 +239,9 @@ def test_two_daemons_own_their_nodes(env):
     assert b.proc.wait(10) == 99
     gid_b = gid_of(env, "k-b")
     assert gid_b.startswith("pc:t2:")
+    # To t1, t2's gid is foreign: state unknown in `prepared`.
+    states = {t["gid"]: t["state"] for t in ca.ok("prepared")["transactions"]}
+    assert states[gid_b] == "unknown"
     # t1 keeps serving and its recovery never touches t2's gids.
     assert ca.ok("pay", account="acct-a", amount=100, currency="EUR", idempotency_key="k-a")["status"] == "succeeded"
     r = ca.ok("recover")
@@ -289,4 +292,51 @@ def test_orphans_settled_at_startup_under_load(env):
     wait_for(lambda: env.pg.query("SELECT count(*) FROM payments WHERE status = 'pending'")[0][0] == 0
              and not prepared_gids(env), timeout=20, what="all settled")
     d.stop()
+    check_invariants(env.pg, env.psp)
+
+
+def test_settle_retry_keeps_the_status(env):
+    """A settle write that fails once is retried with the same status (the
+    crash driver once caught a retry clobbering it after a PostgreSQL restart)."""
+    d = env.daemon(env={"PAYCOORD_FAILPOINT": "settle_unavailable", "PAYCOORD_FAILPOINT_KEY": "sr-1"}, **FAST)
+    c = d.client()
+    env.open_account(c, "acct-sr", balance=10)
+    r = c.ok("pay", account="acct-sr", amount=500, currency="EUR", idempotency_key="sr-1")
+    assert r["status"] == "insufficient_funds"
+    assert env.pg.query("SELECT status FROM payments WHERE idempotency_key = 'sr-1'")[0][0] == "insufficient_funds"
+    assert "event=settle_retry" not in d.log_text() or "check constraint" not in d.log_text()
+    d.stop()
+    check_invariants(env.pg, env.psp, answers={"sr-1": "insufficient_funds"})
+
+
+def test_resolve_refuses_a_live_foreign_nodes_gid(env):
+    import os
+    import uuid
+    from harness import Daemon
+    a = env.daemon(node_id="t1", recovery_interval_ms=600000)
+    ca = a.client()
+    env.open_account(ca, "acct-f", balance=100)
+    # A prepared debit of node t1, made by hand (t1's next pass is far away).
+    pid = uuid.uuid4()
+    gid = f"pc:t1:{pid.hex}"
+    with env.pg.connect() as c:
+        c.execute("SELECT pc_pay_intent(%s, 'f-1', 'acct-f', 10, 'EUR', NULL, NULL, %s, 't1', 60000)", (pid, gid))
+        c.execute("BEGIN")
+        c.execute("SELECT pc_pay_debit(%s, 'acct-f', 10)", (pid,))
+        c.execute(f"PREPARE TRANSACTION '{gid}'")
+    bdir = os.path.join(env.workdir, "b")
+    os.mkdir(bdir)
+    b = Daemon(bdir, env.pg, env.psp, node_id="t3")
+    env.daemons.append(b)
+    b.start()
+    cb = b.client()
+    r = cb.call("resolve", gid=gid, action="rollback", reason="wrong node")
+    assert r["error"]["code"] == "forbidden" and "t1" in r["error"]["message"]
+    assert {t["gid"]: t["state"] for t in cb.ok("prepared")["transactions"]}[gid] == "unknown"
+    assert {t["gid"]: t["state"] for t in ca.ok("prepared")["transactions"]}[gid] == "in_doubt"
+    # Its own node may resolve it; the request is audited.
+    assert ca.ok("resolve", gid=gid, action="rollback", reason="test: never sent")["outcome"] == "rolled_back"
+    assert env.pg.query("SELECT outcome FROM resolutions WHERE gid = %s", (gid,)) == [("rolled_back",)]
+    b.stop()
+    a.stop()
     check_invariants(env.pg, env.psp)
