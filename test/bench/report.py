@@ -66,7 +66,7 @@ def pgbench(args):
         "machine_cpu_busy_pct": round(100.0 * (b1 - b0) / (t1 - t0), 1) if t1 > t0 else 0.0}))
 
 
-def machine():
+def machine(out_dir):
     info = {"nproc": os.cpu_count(), "kernel": platform.release()}
     try:
         with open("/proc/cpuinfo") as f:
@@ -86,6 +86,12 @@ def machine():
     except OSError:
         pass
     src = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+    try:
+        with open(os.path.join(out_dir, "build-info.json")) as f:
+            info.update(json.load(f))          # the commit the daemon was built from
+            return info
+    except (OSError, ValueError):
+        pass
     try:
         head = subprocess.run(["git", "-C", src, "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True).stdout.strip()
@@ -281,7 +287,7 @@ def table(args):
     print("\n".join(mem_lines) if mem_lines else "  not run")
     if inv:
         print(f"invariants: {inv}")
-    result = {"machine": machine(), "params": {"seconds": secs, "rounds": nrounds, "accounts": naccts,
+    result = {"machine": machine(out), "params": {"seconds": secs, "rounds": nrounds, "accounts": naccts,
                                                "pool_size": pool, "concurrency": concs, "s4_latency_ms": s4lat,
                                                "elapsed_s": elapsed},
               "summary": summary, "aggregated": agg, "invariants": inv, "runs": runs,

@@ -91,6 +91,10 @@ else
         -Wformat=2 -Wundef -o "$paybench" "$src/test/bench/paybench.c"
 fi
 daemon=$build/coordinator/paycoord
+build_commit=$(git -C "$src" rev-parse --short HEAD 2>/dev/null || echo unknown)
+if [ -n "$(git -C "$src" status --porcelain -- coordinator proto sql recovery 2>/dev/null)" ]; then
+    build_commit="$build_commit+uncommitted daemon changes"
+fi
 sim=$build/test/processor/psp-sim
 allow_root=
 if [ "$(id -u)" -eq 0 ] && "$daemon" --config-reference | grep -q '`allow_root`'; then
@@ -101,6 +105,7 @@ fi
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 rm -f "$out"/*.json "$out"/*.txt "$out"/*.svg
+echo "{\"commit\": \"$build_commit\", \"built\": \"$(date -u +%Y-%m-%dT%H:%M:%SZ)\"}" >"$out/build-info.json"
 work=$(mktemp -d /tmp/paycoord-bench.XXXXXX)
 chmod 755 "$work"
 mkdir -p "$work/runs"
@@ -260,13 +265,25 @@ cat >"$work/pgb-1pc.sql" <<'SQL'
 BEGIN \; UPDATE accounts SET balance = balance - 1, updated_at = now() WHERE id = 'acct-:aid' AND balance >= 1 \; INSERT INTO payments (payment_id, idempotency_key, account_id, amount, currency, gid, node, status, deadline) VALUES (md5('pgb1-:tag-:client_id-:r')::uuid, 'pgb1-:tag-:client_id-:r', 'acct-:aid', 1, 'USD', 'pgb:1:' || md5('pgb1-:tag-:client_id-:r'), 'pgb', 'succeeded', now() + interval '60 s') \; INSERT INTO ledger (account_id, amount, balance_after, payment_id) SELECT id, -1, balance, md5('pgb1-:tag-:client_id-:r')::uuid FROM accounts WHERE id = 'acct-:aid' \; COMMIT;
 SQL
 # The daemon's statements for one successful payment, verbatim (payment.c:
-# start_phase1, start_phase2, phase2_done): 3 round trips, 2 synchronous flushes.
+# start_phase1, start_phase2, ref_batch_flush): 2 round trips and 2 synchronous
+# flushes per payment, plus one asynchronous UPDATE of processor_ref per 64.
 cat >"$work/pgb-daemonsql.sql" <<'SQL'
 \set aid random(1, :naccounts)
+\set seq :seq + 1
+BEGIN \; SET LOCAL synchronous_commit TO off \; SELECT pc_pay_intent(md5('pgbd-:tag-:client_id-:seq')::uuid, 'pgbd-:tag-:client_id-:seq', 'acct-:aid', 1, 'USD', NULL, NULL::jsonb, 'pgbd-:tag-:client_id-:seq', 'pgb', 60000) \; COMMIT \; BEGIN \; SET LOCAL lock_timeout TO '200ms' \; SELECT pc_pay_debit(md5('pgbd-:tag-:client_id-:seq')::uuid, 'acct-:aid', 1) \; PREPARE TRANSACTION 'pgbd-:tag-:client_id-:seq';
+COMMIT PREPARED 'pgbd-:tag-:client_id-:seq';
+\if :seq % 64 = 0
+BEGIN \; SET LOCAL synchronous_commit TO off \; UPDATE payments p SET processor_ref = 'psp_bench_' || k, updated_at = now() FROM generate_series(:seq - 63, :seq) k WHERE p.payment_id = md5('pgbd-:tag-:client_id-' || k)::uuid \; COMMIT;
+\endif
+SQL
+# The same with a processor_ref transaction per payment (the daemon before
+# commit 5c823fe batched them): what the batching saves.
+cat >"$work/pgb-v-refeach.sql" <<'SQL'
+\set aid random(1, :naccounts)
 \set r random(1, 999999999999999)
-BEGIN \; SET LOCAL synchronous_commit TO off \; SELECT pc_pay_intent(md5('pgbd-:tag-:client_id-:r')::uuid, 'pgbd-:tag-:client_id-:r', 'acct-:aid', 1, 'USD', NULL, NULL::jsonb, 'pgbd-:tag-:client_id-:r', 'pgb', 60000) \; COMMIT \; BEGIN \; SET LOCAL lock_timeout TO '200ms' \; SELECT pc_pay_debit(md5('pgbd-:tag-:client_id-:r')::uuid, 'acct-:aid', 1) \; PREPARE TRANSACTION 'pgbd-:tag-:client_id-:r';
-COMMIT PREPARED 'pgbd-:tag-:client_id-:r';
-BEGIN \; SET LOCAL synchronous_commit TO off \; UPDATE payments SET processor_ref = 'psp_bench_:r', updated_at = now() WHERE payment_id = md5('pgbd-:tag-:client_id-:r')::uuid \; COMMIT;
+BEGIN \; SET LOCAL synchronous_commit TO off \; SELECT pc_pay_intent(md5('pgbe-:tag-:client_id-:r')::uuid, 'pgbe-:tag-:client_id-:r', 'acct-:aid', 1, 'USD', NULL, NULL::jsonb, 'pgbe-:tag-:client_id-:r', 'pgb', 60000) \; COMMIT \; BEGIN \; SET LOCAL lock_timeout TO '200ms' \; SELECT pc_pay_debit(md5('pgbe-:tag-:client_id-:r')::uuid, 'acct-:aid', 1) \; PREPARE TRANSACTION 'pgbe-:tag-:client_id-:r';
+COMMIT PREPARED 'pgbe-:tag-:client_id-:r';
+BEGIN \; SET LOCAL synchronous_commit TO off \; UPDATE payments SET processor_ref = 'psp_bench_:r', updated_at = now() WHERE payment_id = md5('pgbe-:tag-:client_id-:r')::uuid \; COMMIT;
 SQL
 # Variants of the daemon's SQL, to price each part of it (BENCH_SCENARIOS=sqlvariants):
 # without the asynchronous processor_ref update (round trip 3) ...
@@ -307,7 +324,7 @@ pgbench_run() {
     local p0 p1 tf=$work/runs/$name.time
     p0=$(pg_ticks)
     { TIMEFORMAT='%U %S'; time as_pg "$pgbin/pgbench" -n -M simple -h "$pgsock" -U postgres -c "$clients" \
-        -j "$threads" -T "$secs" -D naccounts="$naccts" -D tag="$tag" -f "$script" -l \
+        -j "$threads" -T "$secs" -D naccounts="$naccts" -D tag="$tag" -D seq=0 -f "$script" -l \
         --log-prefix="$work/pgblog-$name/tx" "$db" >"$work/runs/$name.pgbench.out" 2>&1 \
         || { echo "run.sh: pgbench $name failed:" >&2; tail -n 5 "$work/runs/$name.pgbench.out" >&2; }; } 2>"$tf"
     sleep 0.2                   # let the postmaster reap the backends
@@ -431,6 +448,7 @@ if want sqlvariants; then
             say "round $r/$rounds, concurrency $c: the daemon's SQL, priced part by part (pgbench)"
             pgbench_run "sqlv-2pc-c$c-r$r" "$work/pgb-2pc.sql" "$c"
             pgbench_run "sqlv-daemonsql-c$c-r$r" "$work/pgb-daemonsql.sql" "$c"
+            pgbench_run "sqlv-refeach-c$c-r$r" "$work/pgb-v-refeach.sql" "$c"
             pgbench_run "sqlv-noref-c$c-r$r" "$work/pgb-v-noref.sql" "$c"
             pgbench_run "sqlv-onetx-c$c-r$r" "$work/pgb-v-onetx.sql" "$c"
             pgbench_run "sqlv-noref-nopartial-c$c-r$r" "$work/pgb-v-noref.sql" "$c" paycoord_nopartial
