@@ -14,6 +14,7 @@ Each round prints its seed; `--seed S --rounds 1` replays a round's choices
 import argparse
 import os
 import random
+import signal
 import sys
 import tempfile
 import threading
@@ -145,7 +146,11 @@ class Driver:
                         blackhole=False)
         if d.proc.poll() is not None or fault == "failpoint":
             if d.proc.poll() is None:
-                d.stop()
+                # Its sockets close before a process dying at a fail point can
+                # be reaped: it may exit 99 under our SIGTERM.
+                d.proc.send_signal(signal.SIGTERM)
+                rc = d.proc.wait(30)
+                assert rc in (0, 99), f"daemon exit code {rc}: {d.tail()}"
             d.start()
         self.quiesce()
         check_invariants(self.pg, self.psp, answers=self.answers, node="t1")
