@@ -283,8 +283,13 @@ int main(int argc, char **argv)
     psp_config sc = { .base_url = D->cfg.processor_url, .token = D->token,
                       .connect_timeout_ms = D->cfg.processor_connect_timeout_ms,
                       .request_timeout_ms = D->cfg.processor_timeout_ms,
-                      .max_connections = D->cfg.processor_max_connections,
+                      .max_connections = D->cfg.processor_max_connections ? D->cfg.processor_max_connections
+                                                                          : D->cfg.max_in_flight,
                       .verify_peer = D->cfg.processor_verify_peer };
+    if (D->cfg.processor_max_connections && D->cfg.processor_max_connections < D->cfg.max_in_flight)
+        log_warn("event=config_warning key=processor_max_connections value=%d max_in_flight=%d "
+                 "note=\"throughput is capped at processor_max_connections / processor latency\"",
+                 D->cfg.processor_max_connections, D->cfg.max_in_flight);
     if (pay_init() != 0)
         goto out;
     D->pool = pgpool_new(D->base, &pc);

@@ -193,6 +193,11 @@ def table(args):
         if base.startswith("s1alt-") and base.replace("s1alt-", "s1-") in groups:
             vsbase = paired_ratio(base, base.replace("s1alt-", "s1-"))[0]
             notes.append(f"x baseline build {vsbase} (paired rounds)")
+        if "s1ref-pools" in groups and (re.match(r"s1-c%d-pool(\d+)$" % maxc, base) and int(re.match(r"s1-c%d-pool(\d+)$" % maxc, base).group(1)) != pool
+                                        or base.endswith("-lognotice")):
+            notes.append(f"x adjacent reference run {round(median(tp) / tput('s1ref-pools'), 2)}")
+        if base == "s2-pc1100" and "s1ref-s2" in groups:
+            notes.append(f"x adjacent reference run {round(median(tp) / tput('s1ref-s2'), 2)}")
         m = re.match(r"s1(?:alt)?-c(\d+)-pool", base)
         if m:
             c = m.group(1)
@@ -231,12 +236,13 @@ def table(args):
                 med, per = paired_ratio(base, f"pgbench-{kind}-c{c}")
                 summary[f"s1_c{c}_vs_pgbench_{kind}"] = med
                 summary[f"s1_c{c}_vs_pgbench_{kind}_rounds"] = per
-    ceiling = tput(f"s1-c{maxc}-pool{pool}")
+    ceiling = tput("s1ref-s2") or tput(f"s1-c{maxc}-pool{pool}")
     s2 = tput("s2-pc1100")
     if s2 is not None:
         bound_latency = 1000 / 0.200
         bound = min(bound_latency, ceiling) if ceiling else bound_latency
         summary.update({"s2_bound_in_flight_over_latency": bound_latency, "s2_ceiling_daemon_s1": ceiling,
+                        "s2_ceiling_from": "s1ref-s2 (run just before S2)" if tput("s1ref-s2") else "S1 rounds",
                         "s2_bound": bound, "s2_payments_per_s": s2, "s2_vs_bound": round(s2 / bound, 2),
                         "s2_default_proc_conns_payments_per_s": tput("s2-pc64"),
                         "s2_default_proc_conns_vs_bound": round(tput("s2-pc64") / bound, 2) if tput("s2-pc64") else None,

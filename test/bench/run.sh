@@ -44,7 +44,8 @@
 #                           interleaved with the first in S1, S3b and S4 as
 #                           "s1alt-...", "s4alt-...": measures a proposal
 #   BENCH_SCENARIOS ["pgbench s1 pools s2 s3 s4 profile"]  which parts to run; also
-#                           "sqlvariants": pgbench prices of parts of the daemon's SQL
+#                           "sqlvariants": pgbench prices of parts of the daemon's SQL,
+#                           "s2x": where S2's throughput goes
 set -Eeuo pipefail
 
 src=$(cd "$(dirname "$0")/../.." && pwd)
@@ -363,24 +364,34 @@ for r in $(seq 1 "$rounds"); do
         fi
     done
 done
-for p in $pools; do
-    want pools || break
-    say "S1 pool size $p at concurrency $maxc"
+# Later runs meet bigger tables (and autovacuum): each block below starts
+# with its own reference run of S1 (c$maxc, pool $pool) to compare with.
+vacuum_tables() { psqlq -c "VACUUM ANALYZE accounts" -c "VACUUM ANALYZE payments" -c "VACUUM ANALYZE ledger" >/dev/null; }
+if want pools; then
+    vacuum_tables
+    say "S1 reference run, then pool sizes $pools at concurrency $maxc"
     sim_reset
-    daemon_run "s1-c$maxc-pool$p" "$p" 64 "" --connections "$maxc" --depth 1 --accounts "$naccts" \
+    daemon_run "s1ref-pools" "$pool" 64 "" --connections "$maxc" --depth 1 --accounts "$naccts" \
         --duration "$secs" --warmup "$warm"
-done
-if want pools && [ "$loglevel" != notice ]; then
-    say "S1 at concurrency $maxc with log_level notice (no per-payment log lines)"
-    sim_reset
-    daemon_run "s1-c$maxc-pool$pool-lognotice" "$pool" 64 "log_level = notice" --connections "$maxc" --depth 1 \
-        --accounts "$naccts" --duration "$secs" --warmup "$warm"
+    for p in $pools; do
+        daemon_run "s1-c$maxc-pool$p" "$p" 64 "" --connections "$maxc" --depth 1 --accounts "$naccts" \
+            --duration "$secs" --warmup "$warm"
+    done
+    if [ "$loglevel" != notice ]; then
+        say "S1 at concurrency $maxc with log_level notice (no per-payment info lines)"
+        daemon_run "s1-c$maxc-pool$pool-lognotice" "$pool" 64 "log_level = notice" --connections "$maxc" \
+            --depth 1 --accounts "$naccts" --duration "$secs" --warmup "$warm"
+    fi
 fi
 
 # ------------------------------------------------------------------ S2
 if want s2; then
-    say "S2: processor latency 200 ms, 1000 in flight on distinct accounts, pool $pool"
+    vacuum_tables
+    say "S2 reference: S1 at concurrency $maxc, processor latency 0 (the ceiling S2 is compared with)"
     sim_reset
+    daemon_run "s1ref-s2" "$pool" 64 "" --connections "$maxc" --depth 1 --accounts "$naccts" \
+        --duration "$secs" --warmup "$warm"
+    say "S2: processor latency 200 ms, 1000 in flight on distinct accounts, pool $pool"
     sim_control '{"latency_ms":200}'
     daemon_run "s2-pc1100" "$pool" 1100 "" --connections 10 --depth 100 --account-mode slot --accounts "$naccts" \
         --duration "$secs" --warmup 3
@@ -389,8 +400,30 @@ if want s2; then
         --duration "$secs" --warmup 3
 fi
 
+# ------------------------------------------------------------------ S2 diagnostics (optional)
+# Which of "1000 in flight" and "200 ms at the processor" costs the throughput
+# (BENCH_SCENARIOS=s2x): postgres cpu s/1000 per run tells where it goes.
+if want s2x; then
+    vacuum_tables
+    sim_reset
+    say "S2x: reference S1, then 1000 in flight at latency 0, 300 at 200 ms, 1000 at 200 ms with pool 32"
+    daemon_run "s2x-ref" "$pool" 64 "" --connections "$maxc" --depth 1 --accounts "$naccts" \
+        --duration "$secs" --warmup "$warm"
+    daemon_run "s2x-lat0-1000" "$pool" 1100 "" --connections 10 --depth 100 --account-mode slot \
+        --accounts "$naccts" --duration "$secs" --warmup 3
+    sim_control '{"latency_ms":200}'
+    daemon_run "s2x-lat200-300" "$pool" 1100 "" --connections 10 --depth 30 --account-mode slot \
+        --accounts "$naccts" --duration "$secs" --warmup 3
+    daemon_run "s2x-lat200-1000-pool32" 32 1100 "" --connections 10 --depth 100 --account-mode slot \
+        --accounts "$naccts" --duration "$secs" --warmup 3
+    daemon_run "s2x-lat200-1000" "$pool" 1100 "" --connections 10 --depth 100 --account-mode slot \
+        --accounts "$naccts" --duration "$secs" --warmup 3
+    sim_reset
+fi
+
 # ------------------------------------------------------------------ S3
 if want s3; then
+    vacuum_tables
     say "S3: hot accounts: 64 clients, every payment on 10 accounts (processor latency 0)"
     sim_reset
     daemon_run "s3-hot10" "$pool" 64 "" --connections 64 --depth 1 --accounts 10 --duration "$secs" --warmup "$warm"
@@ -443,6 +476,13 @@ if want sqlvariants; then
     # (they make every status update a non-HOT update that touches every index).
     psqlq -d postgres -c "CREATE DATABASE paycoord_nopartial TEMPLATE paycoord" >/dev/null
     psqlq -d paycoord_nopartial -c "DROP INDEX payments_pending; DROP INDEX payments_node_pending" >/dev/null
+    # Copies with room on each payments page (fillfactor 80), so that the
+    # processor_ref update can be HOT (no new index entries); with the
+    # partial indexes dropped too, the status update as well.
+    psqlq -d postgres -c "CREATE DATABASE paycoord_ff80 TEMPLATE paycoord" >/dev/null
+    psqlq -d paycoord_ff80 -c "ALTER TABLE payments SET (fillfactor = 80)" >/dev/null
+    psqlq -d postgres -c "CREATE DATABASE paycoord_ff80_nopartial TEMPLATE paycoord_nopartial" >/dev/null
+    psqlq -d paycoord_ff80_nopartial -c "ALTER TABLE payments SET (fillfactor = 80)" >/dev/null
     for r in $(seq 1 "$rounds"); do
         for c in $concs; do
             say "round $r/$rounds, concurrency $c: the daemon's SQL, priced part by part (pgbench)"
@@ -453,6 +493,8 @@ if want sqlvariants; then
             pgbench_run "sqlv-onetx-c$c-r$r" "$work/pgb-v-onetx.sql" "$c"
             pgbench_run "sqlv-noref-nopartial-c$c-r$r" "$work/pgb-v-noref.sql" "$c" paycoord_nopartial
             pgbench_run "sqlv-noref-nostatus-c$c-r$r" "$work/pgb-v-nostatus.sql" "$c"
+            pgbench_run "sqlv-daemonsql-ff80-c$c-r$r" "$work/pgb-daemonsql.sql" "$c" paycoord_ff80
+            pgbench_run "sqlv-daemonsql-ff80-nopartial-c$c-r$r" "$work/pgb-daemonsql.sql" "$c" paycoord_ff80_nopartial
             # With 300 other prepared transactions open (as with S2's 1000 in
             # flight at 200 ms): what they cost every other transaction.
             hold_prepared 300
