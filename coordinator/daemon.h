@@ -115,6 +115,7 @@ bool rec_first_pass_done(void);      /* the startup pass has finished */
 void rec_handle_prepared(pc_request *r);
 void rec_handle_resolve(pc_request *r);
 void rec_handle_recover(pc_request *r);
+void rec_save_state(const char *gid, const char *payment_id, int attempts, const char *why, bool review);
 
 /* Test-build crash points (docs/failure-modes.md): PAYCOORD_FAILPOINT=name
  * makes the daemon _exit(99) on reaching that point, for any payment or only

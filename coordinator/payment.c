@@ -946,14 +946,6 @@ static void start_create(payment *p)
 #endif
 }
 
-static void review_flag_cb(const pgpool_reply *r, void *arg)
-{
-    if (r->status != PGQ_OK)
-        log_error("event=review_flag_not_written error=\"%s\" alert=review "
-                  "note=\"a gid the processor answered idempotency_conflict for is not flagged: check `prepared`\"",
-                  r->errmsg);
-}
-
 static void create_cb(const psp_result *res, void *arg)
 {
     payment *p = arg;
@@ -973,17 +965,7 @@ static void create_cb(const psp_result *res, void *arg)
          * prepared, the gid goes to manual review, clients are told pending. */
         circuit_record(true);
         log_error("payment gid=%s key=%s event=processor_conflict alert=review", p->gid, p->key);
-        sbuf q;
-        sbuf_init(&q);
-        sbuf_puts(&q, "INSERT INTO recovery_state (gid, payment_id, attempts, last_error, review) VALUES (");
-        sbuf_literal(&q, p->gid);
-        sbuf_puts(&q, ", ");
-        sbuf_literal(&q, p->payment_id);
-        sbuf_puts(&q, ", 0, 'processor answered idempotency_conflict', true) ON CONFLICT (gid) DO UPDATE "
-                      "SET review = true, last_error = EXCLUDED.last_error, updated_at = now()");
-        if (!sbuf_ok(&q) || pgpool_query(D->pool, sbuf_str(&q), review_flag_cb, NULL) != PGPOOL_QUEUED)
-            log_error("payment gid=%s event=review_flag_not_written alert=review", p->gid);
-        sbuf_free(&q);
+        rec_save_state(p->gid, p->payment_id, 0, "processor answered idempotency_conflict", true);
         p->prepared = false;
         D->prepared--;
         D->orphans++;
@@ -1693,11 +1675,6 @@ static void free_payment_entry(const char *key, void *value, void *arg)
     payment_free(p);
 }
 
-static void free_account_entry(const char *key, void *value, void *arg)
-{
-    free(value);
-}
-
 void pay_shutdown(void)
 {
     if (ref_timer)
@@ -1706,10 +1683,8 @@ void pay_shutdown(void)
     sbuf_free(&ref_values);
     if (by_key)
         strmap_each(by_key, free_payment_entry, NULL);
-    if (accounts)
-        strmap_each(accounts, free_account_entry, NULL);
     strmap_free(by_key);
     strmap_free(by_id);
-    strmap_free(accounts);
+    strmap_free_all(accounts);
     by_key = by_id = accounts = NULL;
 }

@@ -57,6 +57,16 @@ void strmap_free(strmap *m)
     free(m);
 }
 
+void strmap_free_all(strmap *m)
+{
+    if (!m)
+        return;
+    for (size_t i = 0; i < m->nbuckets; i++)
+        for (struct entry *e = m->buckets[i]; e; e = e->next)
+            free(e->value);
+    strmap_free(m);
+}
+
 static struct entry **find(const strmap *m, const char *key, uint64_t h)
 {
     struct entry **pp = &m->buckets[h & (m->nbuckets - 1)];

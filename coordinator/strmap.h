@@ -9,6 +9,7 @@ typedef struct strmap strmap;
 
 strmap *strmap_new(void);
 void strmap_free(strmap *m);                 /* frees keys, not values */
+void strmap_free_all(strmap *m);             /* frees keys and free()s every value */
 void *strmap_get(const strmap *m, const char *key);
 int strmap_put(strmap *m, const char *key, void *value) PC_MUSTCHECK;  /* 0, or -1 on OOM; replaces */
 void *strmap_del(strmap *m, const char *key);   /* returns the removed value or NULL */

@@ -123,6 +123,19 @@ static void query_or_log(const char *what, const char *sql, pgpool_cb cb, void *
     }
 }
 
+/* Send a built statement, or tell cb it was not sent (sbuf out of memory). */
+static void query_built(const char *what, sbuf *q, pgpool_cb cb, void *arg)
+{
+    if (sbuf_ok(q)) {
+        query_or_log(what, sbuf_str(q), cb, arg);
+    } else {
+        log_warn("recovery event=query_not_built what=%s", what);
+        pgpool_reply r = { .status = PGQ_CONN_LOST, .sqlstate = "", .errmsg = "out of memory" };
+        cb(&r, arg);
+    }
+    sbuf_free(q);
+}
+
 static void ignore_cb(const pgpool_reply *r, void *arg)
 {
     if (r->status != PGQ_OK)
@@ -131,22 +144,33 @@ static void ignore_cb(const pgpool_reply *r, void *arg)
 
 /* ---------------------------------------------------------------- leave */
 
-/* Record attempts / last error / review for a gid in recovery_state. */
-static void save_state(const rec_item *it, int attempts, const char *why, bool review)
+static void review_flag_cb(const pgpool_reply *r, void *arg)
+{
+    if (r->status != PGQ_OK)
+        log_error("event=review_flag_not_written error=\"%s\" alert=review "
+                  "note=\"a gid meant for manual review is not flagged: check `prepared`\"", r->errmsg);
+}
+
+/* Record attempts / last error / review for a gid in recovery_state (also
+ * used by the payment path to hand a gid to manual review). Attempts never
+ * go down; review, once set, stays until a person resolves the gid. */
+void rec_save_state(const char *gid, const char *payment_id, int attempts, const char *why, bool review)
 {
     sbuf q;
     sbuf_init(&q);
     sbuf_puts(&q, "INSERT INTO recovery_state (gid, payment_id, attempts, last_error, review) VALUES (");
-    sbuf_literal(&q, it->gid);
+    sbuf_literal(&q, gid);
     sbuf_puts(&q, ", ");
-    sbuf_literal(&q, it->payment_id[0] ? it->payment_id : NULL);
+    sbuf_literal(&q, payment_id && payment_id[0] ? payment_id : NULL);
     sbuf_printf(&q, "::uuid, %d, ", attempts);
     sbuf_literal(&q, why);
-    sbuf_printf(&q, ", %s) ON CONFLICT (gid) DO UPDATE SET attempts = EXCLUDED.attempts, "
+    sbuf_printf(&q, ", %s) ON CONFLICT (gid) DO UPDATE SET "
+                    "attempts = greatest(recovery_state.attempts, EXCLUDED.attempts), "
                     "last_error = EXCLUDED.last_error, review = recovery_state.review OR EXCLUDED.review, "
                     "updated_at = now()", review ? "true" : "false");
-    if (sbuf_ok(&q))
-        query_or_log("recovery_state", sbuf_str(&q), ignore_cb, "recovery_state");
+    if (!sbuf_ok(&q) || pgpool_query(D->pool, sbuf_str(&q), review ? review_flag_cb : ignore_cb,
+                                     (void *)"recovery_state") != PGPOOL_QUEUED)
+        log_error("recovery gid=%s event=state_not_written review=%d%s", gid, review, review ? " alert=review" : "");
     sbuf_free(&q);
 }
 
@@ -174,14 +198,14 @@ static void item_leave(rec_item *it, const char *why)
         log_error("recovery gid=%s event=manual_review attempts=%d last_error=\"%s\" alert=review", it->gid, attempts, why);
     else
         log_warn("recovery gid=%s event=left attempts=%d reason=\"%s\"", it->gid, attempts, why);
-    save_state(it, attempts, why, review);
+    rec_save_state(it->gid, it->payment_id, attempts, why, review);
     item_done(it);
 }
 
 static void mark_review(rec_item *it, const char *why)
 {
     log_error("recovery gid=%s event=manual_review reason=\"%s\" alert=review", it->gid, why);
-    save_state(it, it->attempts, why, true);
+    rec_save_state(it->gid, it->payment_id, it->attempts, why, true);
 }
 
 /* ---------------------------------------------------------------- commit */
@@ -196,9 +220,7 @@ static void forget(const rec_item *it)
         sbuf_puts(&q, "DELETE FROM recovery_state WHERE gid = ");
         sbuf_literal(&q, it->gid);
         sbuf_puts(&q, " AND NOT review");
-        if (sbuf_ok(&q))
-            query_or_log("recovery_state", sbuf_str(&q), ignore_cb, "recovery_state");
-        sbuf_free(&q);
+        query_built("recovery_state", &q, ignore_cb, "recovery_state");
     }
 }
 
@@ -232,12 +254,22 @@ static void commit_cb(const pgpool_reply *r, void *arg)
         sbuf_literal(&q, it->processor_ref[0] ? it->processor_ref : NULL);
         sbuf_puts(&q, ", processor_ref), updated_at = now() WHERE payment_id = ");
         sbuf_literal(&q, it->payment_id);
-        if (sbuf_ok(&q))
-            query_or_log("processor_ref", sbuf_str(&q), ignore_cb, "processor_ref");
-        sbuf_free(&q);
+        query_built("processor_ref", &q, ignore_cb, "processor_ref");
     }
     forget(it);
     item_done(it);
+}
+
+static void rollback_cb(const pgpool_reply *r, void *arg);
+
+/* COMMIT PREPARED or ROLLBACK PREPARED of the item's gid. */
+static void second_phase(rec_item *it, bool commit)
+{
+    sbuf q;
+    sbuf_init(&q);
+    sbuf_puts(&q, commit ? "COMMIT PREPARED " : "ROLLBACK PREPARED ");
+    sbuf_literal(&q, it->gid);
+    query_built(commit ? "commit" : "rollback", &q, commit ? commit_cb : rollback_cb, it);
 }
 
 static void recheck_cb(const pgpool_reply *r, void *arg)
@@ -273,12 +305,7 @@ static void item_commit(rec_item *it, const char *psp_ref)
         return;
     }
     FAILPOINT("recovery_before_commit", NULL);
-    sbuf q;
-    sbuf_init(&q);
-    sbuf_puts(&q, "COMMIT PREPARED ");
-    sbuf_literal(&q, it->gid);
-    query_or_log("commit", sbuf_ok(&q) ? sbuf_str(&q) : "SELECT 1/0", commit_cb, it);
-    sbuf_free(&q);
+    second_phase(it, true);
 }
 
 /* ---------------------------------------------------------------- rollback */
@@ -316,8 +343,7 @@ static void item_settle(rec_item *it)
     sbuf_puts(&q, ", ");
     sbuf_literal(&q, it->processor_ref[0] ? it->processor_ref : NULL);
     sbuf_puts(&q, ")");
-    query_or_log("settle", sbuf_ok(&q) ? sbuf_str(&q) : "SELECT 1/0", settle_cb, it);
-    sbuf_free(&q);
+    query_built("settle", &q, settle_cb, it);
 }
 
 static void rollback_cb(const pgpool_reply *r, void *arg)
@@ -342,12 +368,7 @@ static void item_rollback(rec_item *it, const char *code, const char *psp_ref)
         item_settle(it);
         return;
     }
-    sbuf q;
-    sbuf_init(&q);
-    sbuf_puts(&q, "ROLLBACK PREPARED ");
-    sbuf_literal(&q, it->gid);
-    query_or_log("rollback", sbuf_ok(&q) ? sbuf_str(&q) : "SELECT 1/0", rollback_cb, it);
-    sbuf_free(&q);
+    second_phase(it, false);
 }
 
 /* ---------------------------------------------------------------- processor */
@@ -697,11 +718,6 @@ int rec_init(void)
     return 0;
 }
 
-static void free_backoff(const char *key, void *value, void *arg)
-{
-    free(value);
-}
-
 void rec_shutdown(void)
 {
     if (tick)
@@ -710,10 +726,7 @@ void rec_shutdown(void)
     if (D->lockpool)
         pgpool_free(D->lockpool);
     D->lockpool = NULL;
-    if (backoff) {
-        strmap_each(backoff, free_backoff, NULL);
-        strmap_free(backoff);
-    }
+    strmap_free_all(backoff);
     backoff = NULL;
 }
 
