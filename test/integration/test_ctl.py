@@ -20,7 +20,7 @@ import pytest
 import harness
 from harness import check_invariants, wait_for
 
-CTL = os.environ.get("PAYCOORDCTL_BIN") or os.path.join(harness.BUILD, "coordinator", "paycoordctl")
+CTL = os.environ.get("PAYCOORDCTL_BIN") or os.path.join(harness.BUILD, "coordinator", "ctl", "paycoordctl")
 
 COMMANDS = ["ping", "health", "stats", "prepared", "show", "resolve", "recover", "account", "balance",
             "pay", "credit", "status", "help"]
