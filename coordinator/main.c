@@ -6,6 +6,7 @@
  * in flight finish for up to drain_timeout_ms, then exit 0. Whatever is still
  * prepared stays prepared: recovery settles it on the next start.
  */
+#include "access.h"
 #include "daemon.h"
 #include "log.h"
 #include "metrics.h"
@@ -186,6 +187,7 @@ static void on_reload(evutil_socket_t sig, short what, void *arg)
         return;
     }
     config_apply_reloadable(&D->cfg, &n);
+    access_configure(&D->cfg);
     if (D->max_prepared_server > 0)
         D->prepared_limit = (int)((int64_t)D->max_prepared_server * D->cfg.prepared_share_percent / 100);
     log_set_level(log_level_parse(D->cfg.log_level));
@@ -255,6 +257,7 @@ int main(int argc, char **argv)
     }
     log_set_level(log_level_parse(D->cfg.log_level));
     log_set_timestamps(D->cfg.log_timestamps);
+    access_configure(&D->cfg);
 #ifdef PAYCOORD_FAILPOINTS
     failpoint_name = getenv("PAYCOORD_FAILPOINT");
     if (failpoint_name && !failpoint_name[0])

@@ -4,6 +4,7 @@
  * counters; the node's prepared-transaction count and oldest age come from a
  * query refreshed every 5 s, so a scrape never waits on the database.
  */
+#include "access.h"
 #include "daemon.h"
 #include "log.h"
 #include "metrics.h"
@@ -115,6 +116,11 @@ static void render(sbuf *b)
     for (int i = 1; i < PROTO_ERR__COUNT; i++)
         sbuf_printf(b, "paycoord_errors_total{code=\"%s\"} %llu\n", proto_err_name((proto_err)i),
                     (unsigned long long)s->errors_by_code[i]);
+    metric(b, "paycoord_forbidden_total", "counter",
+           "Requests refused for want of a permission class (answered forbidden), by op.");
+    for (int i = 0; i < PROTO_OP__COUNT; i++)
+        sbuf_printf(b, "paycoord_forbidden_total{op=\"%s\"} %llu\n", proto_op_name((proto_op)i),
+                    (unsigned long long)access_refused((proto_op)i));
 }
 
 static void handle(struct evhttp_request *req, void *arg)

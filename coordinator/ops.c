@@ -1,5 +1,6 @@
 /* ops.c - dispatch of parsed requests to their handlers, and the ops that
  * only read the daemon's own state: ping, health, stats. */
+#include "access.h"
 #include "daemon.h"
 #include "log.h"
 
@@ -99,6 +100,7 @@ static void op_stats(pc_request *r)
     cJSON *errs = cJSON_AddObjectToObject(o, "errors");
     for (int i = 1; i < PROTO_ERR__COUNT; i++)
         cJSON_AddNumberToObject(errs, proto_err_name((proto_err)i), (double)s->errors_by_code[i]);
+    cJSON_AddItemToObject(o, "forbidden_by_op", access_refused_json());
     cJSON_AddNumberToObject(o, "uptime_ms", (double)(pc_now_ms() - D->started_ms));
     server_reply_ok(r, o);
 }

@@ -16,6 +16,7 @@
  * client_output_limit bytes of unread answers (then disconnect), and
  * client_partial_timeout_ms for a line that never ends.
  */
+#include "access.h"
 #include "daemon.h"
 #include "log.h"
 #include "notify.h"
@@ -186,18 +187,6 @@ void server_reply_err(pc_request *r, proto_err code, const char *fmt, ...)
     request_free(r);
 }
 
-static bool peer_may(const pc_client *c, proto_op op)
-{
-    const pc_config *cfg = &D->cfg;
-    bool admin = c->uid == 0 || c->uid == geteuid() || config_id_in_list(cfg->admin_uids, c->uid) ||
-                 config_id_in_list(cfg->admin_gids, c->gid);
-    if (proto_op_is_admin(op))
-        return admin;
-    if (admin || (!cfg->client_uids[0] && !cfg->client_gids[0]))
-        return true;
-    return config_id_in_list(cfg->client_uids, c->uid) || config_id_in_list(cfg->client_gids, c->gid);
-}
-
 static void handle_line(pc_client *c, const char *line, size_t len)
 {
     D->stats.requests++;
@@ -227,9 +216,9 @@ static void handle_line(pc_client *c, const char *line, size_t len)
         c->requests->prev = r;
     c->requests = r;
     c->nrequests++;
-    if (!peer_may(c, r->req.op)) {
-        server_reply_err(r, PROTO_ERR_FORBIDDEN, "op %s is not allowed for uid %u",
-                         proto_op_name(r->req.op), (unsigned)c->uid);
+    char why[200];
+    if (!access_check(c->uid, c->gid, (int)c->pid, r->req.op, why, sizeof(why))) {
+        server_reply_err(r, PROTO_ERR_FORBIDDEN, "%s", why);
         return;
     }
     ops_dispatch(r);

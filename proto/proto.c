@@ -58,7 +58,7 @@ static const struct {
     [PROTO_ERR_IDEMPOTENCY_CONFLICT] = { "idempotency_conflict",
                                          "the idempotency_key was used with different details" },
     [PROTO_ERR_NOT_FOUND] = { "not_found", "not found" },
-    [PROTO_ERR_FORBIDDEN] = { "forbidden", "this op needs admin rights" },
+    [PROTO_ERR_FORBIDDEN] = { "forbidden", "this peer lacks the permission class of this op" },
     [PROTO_ERR_OVERLOADED] = { "overloaded", "overloaded, retry later" },
     [PROTO_ERR_UNAVAILABLE] = { "unavailable", "the database is unreachable; nothing was charged" },
     [PROTO_ERR_SHUTTING_DOWN] = { "shutting_down", "the daemon is shutting down" },

@@ -1,5 +1,6 @@
 /* config.c - the settings table and the `key = value` file parser (config.h). */
 #include "config.h"
+#include "access.h"
 #include "log.h"
 
 #include <errno.h>
@@ -40,13 +41,25 @@ static const setting settings[] = {
     { "client_partial_timeout_ms", T_INT, OFF(client_partial_timeout_ms), "10000", 100, 3600000, true,
       "A client that sends part of a line and then nothing for this long is disconnected." },
     { "admin_uids", T_STR, OFF(admin_uids), "", 0, 0, true,
-      "Comma-separated uids allowed admin ops (root and the daemon's own uid always are)." },
+      "Comma-separated uids granted the admin class (`account_open`, `prepared`, `resolve`, `recover`, `stats`, `health`) and with it every other class. Root and the daemon's own uid always hold every class." },
     { "admin_gids", T_STR, OFF(admin_gids), "", 0, 0, true,
-      "Comma-separated gids allowed admin ops." },
+      "Comma-separated gids granted the admin class (and every other); matched against the peer's effective gid only." },
+    { "credit_uids", T_STR, OFF(credit_uids), "", 0, 0, true,
+      "Comma-separated uids granted the credit class (`credit`, plus read). Empty: only admins may credit. New after 0.1, where every peer allowed client ops could credit." },
+    { "credit_gids", T_STR, OFF(credit_gids), "", 0, 0, true,
+      "Comma-separated gids granted the credit class (plus read)." },
+    { "pay_uids", T_STR, OFF(pay_uids), "", 0, 0, true,
+      "Comma-separated uids granted the pay class (`pay`, plus read). While every `read_*`, `pay_*` and `client_*` list is empty, every peer that can open the socket holds pay and read." },
+    { "pay_gids", T_STR, OFF(pay_gids), "", 0, 0, true,
+      "Comma-separated gids granted the pay class (plus read)." },
+    { "read_uids", T_STR, OFF(read_uids), "", 0, 0, true,
+      "Comma-separated uids granted the read class (`ping`, `status`, `balance`); holders of pay, credit or admin have it too." },
+    { "read_gids", T_STR, OFF(read_gids), "", 0, 0, true,
+      "Comma-separated gids granted the read class." },
     { "client_uids", T_STR, OFF(client_uids), "", 0, 0, true,
-      "Comma-separated uids allowed client ops; with client_gids also empty, anyone who can open the socket." },
+      "The 0.1 name, still accepted: same as `pay_uids` (the lists add up). It no longer grants `credit`: put a depositing service in `credit_uids`." },
     { "client_gids", T_STR, OFF(client_gids), "", 0, 0, true,
-      "Comma-separated gids allowed client ops." },
+      "The 0.1 name, still accepted: same as `pay_gids`; no longer grants `credit`." },
     { "db_conninfo", T_STR, OFF(db_conninfo), "dbname=paycoord", 0, 0, false,
       "libpq connection string of the database." },
     { "pool_size", T_INT, OFF(pool_size), "8", 1, 256, false,
@@ -266,13 +279,15 @@ int config_validate(const pc_config *cfg, char *err, size_t errlen)
         snprintf(err, errlen, "listen_socket: path longer than 107 bytes");
         return -1;
     }
-    const char *lists[] = { cfg->admin_uids, cfg->admin_gids, cfg->client_uids, cfg->client_gids };
-    const char *names[] = { "admin_uids", "admin_gids", "client_uids", "client_gids" };
-    for (size_t i = 0; i < 4; i++)
-        if (strspn(lists[i], "0123456789, ") != strlen(lists[i])) {
-            snprintf(err, errlen, "%s: must be a comma-separated list of numbers", names[i]);
-            return -1;
-        }
+    access_policy *p = malloc(sizeof(*p));
+    if (!p) {
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+    int rc = access_policy_build(p, cfg, 0, err, errlen);
+    free(p);
+    if (rc != 0)
+        return -1;
     return 0;
 }
 
@@ -332,23 +347,22 @@ void config_print_reference(FILE *out)
         fprintf(out, "| `%s` | `%s` | %s | %s |\n", s->name, s->def[0] ? s->def : "(empty)",
                 s->reloadable ? "yes" : "no", s->doc);
     }
-}
-
-bool config_id_in_list(const char *list, unsigned id)
-{
-    const char *p = list;
-    while (*p) {
-        while (*p == ',' || *p == ' ')
-            p++;
-        if (!*p)
-            break;
-        char *end;
-        unsigned long v = strtoul(p, &end, 10);
-        if (end == p)
-            break;
-        if (v == id)
-            return true;
-        p = end;
-    }
-    return false;
+    fprintf(out, "\n## Permission classes\n\n"
+                 "Every op needs one class: **read** (`ping`, `status`, `balance`), **pay** (`pay`),\n"
+                 "**credit** (`credit`), **admin** (`account_open`, `prepared`, `resolve`, `recover`,\n"
+                 "`stats`, `health`). The `*_uids` and `*_gids` keys above grant them. Ids are\n"
+                 "numbers (names are refused), at most %d uids and %d gids per class (`pay_*` and\n"
+                 "`client_*` count together). The gid matched is the peer's effective gid from\n"
+                 "`SO_PEERCRED` (supplementary groups do not count).\n\n"
+                 "- root and the daemon's own uid hold every class; admin holds every class;\n"
+                 "  pay and credit include read.\n"
+                 "- read and pay are open to every peer that can open the socket while all of\n"
+                 "  `read_*`, `pay_*` and `client_*` are empty; setting any of them makes both\n"
+                 "  allow-lists. credit and admin are never open.\n"
+                 "- A refused request gets `forbidden` naming the op and the missing class, and\n"
+                 "  writes nothing. A reload applies to requests read after it; requests already\n"
+                 "  running keep the permission they were admitted with.\n"
+                 "- Upgrading from 0.1: `credit` is no longer allowed to every client peer; see\n"
+                 "  docs/operations.md, \"Upgrading from 0.1\".\n",
+            ACCESS_MAX_IDS, ACCESS_MAX_IDS);
 }

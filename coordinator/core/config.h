@@ -20,9 +20,16 @@ typedef struct pc_config {
     int max_client_pipeline;
     int client_output_limit;
     int client_partial_timeout_ms;
+    /* permission classes (access.h): comma-separated numeric ids */
     char *admin_uids;
     char *admin_gids;
-    char *client_uids;
+    char *credit_uids;
+    char *credit_gids;
+    char *pay_uids;
+    char *pay_gids;
+    char *read_uids;
+    char *read_gids;
+    char *client_uids;             /* 0.1 name: grants pay (and read) */
     char *client_gids;
     /* database */
     char *db_conninfo;
@@ -69,14 +76,12 @@ void config_defaults(pc_config *cfg);
 /* Parse FILE into *cfg (on top of defaults). On error returns -1 and writes
  * "FILE:LINE: key: problem" into err. */
 int config_load(pc_config *cfg, const char *path, char *err, size_t errlen) PC_MUSTCHECK;
-/* Cross-field checks (node_id shape, URL scheme, id lists, ...). */
+/* Cross-field checks (node_id shape, URL scheme, permission id lists, ...). */
 int config_validate(const pc_config *cfg, char *err, size_t errlen) PC_MUSTCHECK;
 void config_free(pc_config *cfg);
 /* Copy the reloadable settings of src into dst; logs each change. */
 void config_apply_reloadable(pc_config *dst, const pc_config *src);
 /* The reference page (markdown) for docs/config.md. */
 void config_print_reference(FILE *out);
-/* Is uid/gid in a comma-separated list of numbers? */
-bool config_id_in_list(const char *list, unsigned id);
 
 #endif
