@@ -1,16 +1,31 @@
 /*
  * main.c - paycoord: command line, configuration, the event loop, signals
- * (SIGTERM/SIGINT drain and exit, SIGHUP reload) and the time helpers.
+ * (SIGTERM/SIGINT drain and exit, SIGHUP reload), start-up in layer order and
+ * readiness.
  *
  * Shutdown: stop accepting, answer new requests `shutting_down`, let payments
  * in flight finish for up to drain_timeout_ms, then exit 0. Whatever is still
  * prepared stays prepared: recovery settles it on the next start.
  */
 #include "access.h"
-#include "daemon.h"
+#include "account.h"
+#include "config.h"
+#include "ctx.h"
+#include "failpoint.h"
 #include "log.h"
+#include "loop.h"
 #include "metrics.h"
+#include "nodelock.h"
 #include "notify.h"
+#include "ops.h"
+#include "owner.h"
+#include "payment.h"
+#include "proc.h"
+#include "recovery.h"
+#include "rng.h"
+#include "server.h"
+#include "stats.h"
+#include "store.h"
 
 #include <errno.h>
 #include <getopt.h>
@@ -25,83 +40,43 @@
 #include <curl/curl.h>
 #include <event2/event.h>
 
-pc_daemon *D;
-static pc_daemon daemon_state;
+static struct event_base *base;
 static struct event *drain_timer;
 static struct event *startup_timer;
 static uint64_t drain_started_ms;
 static bool ready_sent;
 
-void pc_readiness_changed(void)
+/* Something readiness depends on changed (registered with ctx at start):
+ * READY=1 once the daemon listens, has its database, its node lock and a
+ * finished first recovery pass. */
+static void readiness_changed(void)
 {
-    if (ready_sent || D->shutting_down)
-        return;
-    if (!pgpool_is_up(D->pool) || D->max_prepared_server <= 0 || !rec_node_locked() || !rec_first_pass_done())
+    if (ready_sent || D->shutting_down || !ops_ready())
         return;
     ready_sent = true;
     notify_send("READY=1\nSTATUS=serving: node %s", D->cfg.node_id);
     log_notice("event=ready node=%s startup_ms=%llu", D->cfg.node_id,
-               (unsigned long long)(pc_now_ms() - D->started_ms));
+               (unsigned long long)(loop_now_ms() - D->started_ms));
 }
 
 /* Until READY=1: tell systemd what we wait for, and extend the start timeout
  * while the startup recovery pass runs (it may be long after a crash). */
 static void startup_cb(evutil_socket_t fd, short what, void *arg)
 {
+    (void)fd;
+    (void)what;
+    (void)arg;
     if (ready_sent) {
         event_del(startup_timer);
         return;
     }
     if (rec_busy())
         notify_send("EXTEND_TIMEOUT_USEC=20000000\nSTATUS=recovering in-doubt payments");
-    else if (!pgpool_is_up(D->pool))
+    else if (!store_is_up())
         notify_send("STATUS=waiting for the database");
     else if (!rec_node_locked())
         notify_send("STATUS=waiting for the node lock of %s", D->cfg.node_id);
 }
-
-uint64_t pc_now_us(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
-}
-
-uint64_t pc_now_ms(void) { return pc_now_us() / 1000u; }
-
-int64_t pc_wall_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
-void pc_format_time(int64_t wall_ms, char out[32])
-{
-    time_t s = (time_t)(wall_ms / 1000);
-    struct tm tm;
-    gmtime_r(&s, &tm);
-    size_t n = strftime(out, 32, "%Y-%m-%dT%H:%M:%S", &tm);
-    snprintf(out + n, 32 - n, ".%03dZ", (int)(wall_ms % 1000));
-}
-
-#ifdef PAYCOORD_FAILPOINTS
-static const char *failpoint_name, *failpoint_key;
-bool failpoint_armed(const char *name, const char *key)
-{
-    return failpoint_name && strcmp(failpoint_name, name) == 0 &&
-           (!failpoint_key || (key && strcmp(failpoint_key, key) == 0));
-}
-
-void failpoint(const char *name, const char *key)
-{
-    if (failpoint_armed(name, key)) {
-        log_error("event=failpoint name=%s key=%s action=_exit", name, key ? key : "-");
-        fflush(stderr);
-        _exit(99);
-    }
-}
-#endif
 
 static void usage(FILE *out)
 {
@@ -144,15 +119,17 @@ static int read_token(const char *path, char **out, char *err, size_t errlen)
 
 static void drain_cb(evutil_socket_t fd, short what, void *arg)
 {
+    (void)fd;
+    (void)what;
+    (void)arg;
     int left = pay_in_flight();
-    uint64_t elapsed = pc_now_ms() - drain_started_ms;
+    uint64_t elapsed = loop_now_ms() - drain_started_ms;
     if (left == 0)
-        pay_flush();            /* the last processor_refs; then wait for the pool */
-    bool db_idle = pgpool_busy(D->pool) == 0 && pgpool_queued(D->pool) == 0;
-    if ((left == 0 && db_idle) || elapsed >= (uint64_t)D->cfg.drain_timeout_ms) {
+        store_flush();          /* the last batched row writes; then wait for the pools */
+    if ((left == 0 && store_busy() == 0) || elapsed >= (uint64_t)D->cfg.drain_timeout_ms) {
         if (left)
             log_warn("event=drain_timeout left_in_flight=%d note=\"prepared debits stay for recovery\"", left);
-        event_base_loopbreak(D->base);
+        event_base_loopbreak(base);
         return;
     }
     struct timeval tv = { 0, 20000 };
@@ -161,6 +138,8 @@ static void drain_cb(evutil_socket_t fd, short what, void *arg)
 
 static void on_terminate(evutil_socket_t sig, short what, void *arg)
 {
+    (void)what;
+    (void)arg;
     if (D->shutting_down)
         return;
     D->shutting_down = true;
@@ -168,13 +147,16 @@ static void on_terminate(evutil_socket_t sig, short what, void *arg)
     log_notice("event=shutdown signal=%d in_flight=%d drain_timeout_ms=%d", (int)sig, pay_in_flight(),
                D->cfg.drain_timeout_ms);
     server_stop_listening();
-    drain_started_ms = pc_now_ms();
-    drain_timer = evtimer_new(D->base, drain_cb, NULL);
+    drain_started_ms = loop_now_ms();
+    drain_timer = evtimer_new(base, drain_cb, NULL);
     drain_cb(-1, 0, NULL);
 }
 
 static void on_reload(evutil_socket_t sig, short what, void *arg)
 {
+    (void)sig;
+    (void)what;
+    (void)arg;
     pc_config n;
     char err[512];
     notify_reloading();
@@ -188,8 +170,7 @@ static void on_reload(evutil_socket_t sig, short what, void *arg)
     }
     config_apply_reloadable(&D->cfg, &n);
     access_configure(&D->cfg);
-    if (D->max_prepared_server > 0)
-        D->prepared_limit = (int)((int64_t)D->max_prepared_server * D->cfg.prepared_share_percent / 100);
+    ctx_update_prepared_limit();
     log_set_level(log_level_parse(D->cfg.log_level));
     log_set_timestamps(D->cfg.log_timestamps);
     config_free(&n);
@@ -200,9 +181,30 @@ static void on_reload(evutil_socket_t sig, short what, void *arg)
         notify_send("STATUS=configuration reloaded; still starting");
 }
 
-static void on_db_state(bool up, void *arg)
+static void max_prepared_cb(st_status st, int value, void *arg)
 {
-    pay_db_state_changed(up);
+    (void)arg;
+    if (st != ST_OK) {
+        log_warn("event=max_prepared_unknown");
+        return;
+    }
+    D->max_prepared_server = value;
+    ctx_update_prepared_limit();
+    if (value == 0) {
+        log_error("event=two_phase_disabled alert=config hint=\"set max_prepared_transactions in postgresql.conf\"");
+        D->stats.alerts++;
+    } else {
+        log_notice("event=max_prepared server=%d our_limit=%d", value, D->prepared_limit);
+    }
+    ctx_readiness_changed();
+}
+
+static void on_db_state(bool up)
+{
+    log_notice("event=database state=%s", up ? "up" : "down");
+    ctx_readiness_changed();
+    if (up && store_max_prepared(max_prepared_cb, NULL) != STORE_QUEUED)
+        log_warn("event=max_prepared_query_failed");
 }
 
 int main(int argc, char **argv)
@@ -233,11 +235,9 @@ int main(int argc, char **argv)
         return 2;
     }
 
-    D = &daemon_state;
     D->config_path = config_path;
     D->max_prepared_server = -1;
-    D->processor_ok = true;
-    D->started_ms = pc_now_ms();
+    D->started_ms = loop_now_ms();
     char err[512];
     config_defaults(&D->cfg);
     if (config_load(&D->cfg, config_path, err, sizeof(err)) != 0 ||
@@ -258,17 +258,8 @@ int main(int argc, char **argv)
     log_set_level(log_level_parse(D->cfg.log_level));
     log_set_timestamps(D->cfg.log_timestamps);
     access_configure(&D->cfg);
-#ifdef PAYCOORD_FAILPOINTS
-    failpoint_name = getenv("PAYCOORD_FAILPOINT");
-    if (failpoint_name && !failpoint_name[0])
-        failpoint_name = NULL;
-    failpoint_key = getenv("PAYCOORD_FAILPOINT_KEY");
-    if (failpoint_key && !failpoint_key[0])
-        failpoint_key = NULL;
-    if (failpoint_name)
-        log_warn("event=failpoint_armed name=%s", failpoint_name);
-#endif
-    srandom((unsigned)(pc_now_us() ^ (uint64_t)getpid()));
+    failpoint_init_from_env();
+    rng_seed(loop_now_us() ^ ((uint64_t)getpid() << 32) ^ (uint64_t)time(NULL));
     signal(SIGPIPE, SIG_IGN);
     if (curl_global_init(CURL_GLOBAL_DEFAULT) != 0) {
         fprintf(stderr, "paycoord: curl_global_init failed\n");
@@ -276,47 +267,47 @@ int main(int argc, char **argv)
     }
 
     int rc = 1;
-    D->base = event_base_new();
-    if (!D->base)
+    struct event *sigterm = NULL, *sigint = NULL, *sighup = NULL;
+    base = event_base_new();
+    if (!base)
         goto out;
-    notify_init(D->base);
-    pgpool_config pc = { .conninfo = D->cfg.db_conninfo, .size = D->cfg.pool_size,
-                         .max_queue = D->cfg.max_in_flight * 4 + 1024, .connect_timeout_ms = 5000,
-                         .reconnect_min_ms = 100, .reconnect_max_ms = D->cfg.db_reconnect_max_ms };
-    psp_config sc = { .base_url = D->cfg.processor_url, .token = D->token,
-                      .connect_timeout_ms = D->cfg.processor_connect_timeout_ms,
-                      .request_timeout_ms = D->cfg.processor_timeout_ms,
-                      .max_connections = D->cfg.processor_max_connections ? D->cfg.processor_max_connections
-                                                                          : D->cfg.max_in_flight,
-                      .verify_peer = D->cfg.processor_verify_peer };
+    loop_init_libevent(base);
+    notify_init(base);
+    ctx_set_readiness_cb(readiness_changed);
     if (D->cfg.processor_max_connections && D->cfg.processor_max_connections < D->cfg.max_in_flight)
         log_warn("event=config_warning key=processor_max_connections value=%d max_in_flight=%d "
                  "note=\"throughput is capped at processor_max_connections / processor latency\"",
                  D->cfg.processor_max_connections, D->cfg.max_in_flight);
-    if (pay_init() != 0)
-        goto out;
-    D->pool = pgpool_new(D->base, &pc);
-    D->psp = psp_new(D->base, &sc);
-    if (!D->pool || !D->psp) {
-        log_error("event=startup_failed what=%s", D->pool ? "processor client" : "database pool");
+    /* Bottom up: the registry and in-memory modules, the two outside systems,
+     * recovery, then the socket. */
+    if (owner_init() != 0 || account_init() != 0 || pay_init() != 0) {
+        log_error("event=startup_failed what=memory");
         goto out;
     }
-    pgpool_set_state_cb(D->pool, on_db_state, NULL);
+    if (store_init() != 0) {
+        log_error("event=startup_failed what=\"database pools\"");
+        goto out;
+    }
+    store_set_state_cb(on_db_state);
+    if (proc_generic_start() != 0) {
+        log_error("event=startup_failed what=\"processor client\"");
+        goto out;
+    }
     if (rec_init() != 0) {
         log_error("event=startup_failed what=recovery");
         goto out;
     }
-    if (server_start() != 0 || metrics_start() != 0)
+    if (server_start() != 0 || metrics_start() != 0 || stats_start() != 0)
         goto out;
-    startup_timer = event_new(D->base, -1, EV_PERSIST, startup_cb, NULL);
+    startup_timer = event_new(base, -1, EV_PERSIST, startup_cb, NULL);
     if (startup_timer) {
         struct timeval st = { 5, 0 };
         event_add(startup_timer, &st);
     }
     notify_send("STATUS=starting");
-    struct event *sigterm = evsignal_new(D->base, SIGTERM, on_terminate, NULL);
-    struct event *sigint = evsignal_new(D->base, SIGINT, on_terminate, NULL);
-    struct event *sighup = evsignal_new(D->base, SIGHUP, on_reload, NULL);
+    sigterm = evsignal_new(base, SIGTERM, on_terminate, NULL);
+    sigint = evsignal_new(base, SIGINT, on_terminate, NULL);
+    sighup = evsignal_new(base, SIGHUP, on_reload, NULL);
     if (!sigterm || !sigint || !sighup)
         goto out;
     event_add(sigterm, NULL);
@@ -325,34 +316,38 @@ int main(int argc, char **argv)
     log_notice("event=started version=%s node=%s pid=%d pool_size=%d processor=%s", PAYCOORD_VERSION,
                D->cfg.node_id, (int)getpid(), D->cfg.pool_size, D->cfg.processor_url);
 
-    event_base_dispatch(D->base);
+    event_base_dispatch(base);
 
-    int left = pay_in_flight();
-    server_close_all();
-    if (left == 0 && !rec_busy()) {
-        /* Nothing in flight: tear down in dependency order. (Otherwise the
-         * process exit releases memory; prepared debits stay for recovery.) */
-        metrics_stop();
-        rec_shutdown();
-        psp_free(D->psp);
-        pgpool_free(D->pool);
-        pay_shutdown();
-        event_free(sigterm);
-        event_free(sigint);
-        event_free(sighup);
-        if (drain_timer)
-            event_free(drain_timer);
-        if (startup_timer)
-            event_free(startup_timer);
-        notify_free();
-        event_base_free(D->base);
-        D->base = NULL;
-    }
-    log_notice("event=stopped left_in_flight=%d", left);
     rc = 0;
+    log_notice("event=stopped left_in_flight=%d", pay_in_flight());
 out:
     if (rc != 0)
         log_error("event=startup_failed");
+    /* Top down. The store and the processor client go first and fire every
+     * outstanding callback (with "shutdown"), so that nothing below is
+     * called back after it is freed; prepared debits stay for recovery. */
+    server_close_all();
+    metrics_stop();
+    stats_stop();
+    store_shutdown();
+    proc_shutdown();
+    pay_shutdown(true);
+    rec_shutdown();
+    account_shutdown();
+    owner_shutdown();
+    if (sigterm)
+        event_free(sigterm);
+    if (sigint)
+        event_free(sigint);
+    if (sighup)
+        event_free(sighup);
+    if (drain_timer)
+        event_free(drain_timer);
+    if (startup_timer)
+        event_free(startup_timer);
+    notify_free();
+    if (base)
+        event_base_free(base);
     free(D->token);
     config_free(&D->cfg);
     curl_global_cleanup();

@@ -1,6 +1,6 @@
 /*
  * server.c - the Unix-socket server: NDJSON framing, pipelining, per-client
- * limits, peer credentials, and the reply path (PROTOCOL.md).
+ * limits, peer credentials, and the reply path (docs/protocol.md).
  *
  * Client lifecycle: accept -> reading lines (each parsed and dispatched; the
  * op answers later, in any order) -> closed by EOF, error, a limit, or
@@ -16,10 +16,15 @@
  * client_output_limit bytes of unread answers (then disconnect), and
  * client_partial_timeout_ms for a line that never ends.
  */
+#include "server.h"
 #include "access.h"
-#include "daemon.h"
+#include "ctx.h"
+#include "list.h"
 #include "log.h"
+#include "loop.h"
 #include "notify.h"
+#include "ops.h"
+#include "request.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -39,10 +44,10 @@
 #include <event2/listener.h>
 
 typedef struct pc_client {
+    pc_list link;                  /* live_clients, then dead_clients */
     struct bufferevent *bev;
     struct event *partial_timer;
-    struct pc_client *next_dead;
-    pc_request *requests;          /* in progress */
+    pc_list requests;              /* pc_request.link: in progress */
     int nrequests;
     uint64_t id;
     uid_t uid;
@@ -55,25 +60,26 @@ typedef struct pc_client {
 } pc_client;
 
 static struct evconnlistener *listener;
-static pc_client *dead_clients;
+static pc_list live_clients, dead_clients;
 static struct event *reap_ev;
 static uint64_t next_client_id = 1;
 static bool socket_activated;
 
-/* Every live client, for shutdown. */
-typedef struct client_node { pc_client *c; struct client_node *next; } client_node;
-
 static void client_read_cb(struct bufferevent *bev, void *arg);
 static void client_write_cb(struct bufferevent *bev, void *arg);
 static void client_event_cb(struct bufferevent *bev, short what, void *arg);
+static void deliver(pc_request *r, char *line, size_t len);
 
-static strmap *live_clients;       /* id -> client */
+static const req_sink client_sink = { deliver };
 
 static void reap_cb(evutil_socket_t fd, short what, void *arg)
 {
-    while (dead_clients) {
-        pc_client *c = dead_clients;
-        dead_clients = c->next_dead;
+    (void)fd;
+    (void)what;
+    (void)arg;
+    pc_list *n;
+    while ((n = list_pop_head(&dead_clients))) {
+        pc_client *c = list_entry(n, pc_client, link);
         bufferevent_free(c->bev);
         event_free(c->partial_timer);
         free(c);
@@ -88,17 +94,17 @@ static void client_close(pc_client *c, const char *why)
     D->nclients--;
     log_info("event=client_close client=%llu uid=%u reason=%s in_progress=%d",
              (unsigned long long)c->id, (unsigned)c->uid, why, c->nrequests);
-    for (pc_request *r = c->requests; r; r = r->next)
-        r->client = NULL;
-    c->requests = NULL;
+    /* Requests in progress go on (a payment is never stopped by a
+     * disconnect); their answers are dropped. */
+    pc_list *n;
+    while ((n = list_pop_head(&c->requests)))
+        list_entry(n, pc_request, link)->owner = NULL;
+    c->nrequests = 0;
     bufferevent_disable(c->bev, EV_READ | EV_WRITE);
     bufferevent_setcb(c->bev, NULL, NULL, NULL, NULL);
     event_del(c->partial_timer);
-    char key[32];
-    snprintf(key, sizeof(key), "%llu", (unsigned long long)c->id);
-    strmap_del(live_clients, key);
-    c->next_dead = dead_clients;
-    dead_clients = c;
+    list_unlink(&c->link);
+    list_push_tail(&dead_clients, &c->link);
     event_active(reap_ev, EV_TIMEOUT, 0);
 }
 
@@ -114,17 +120,11 @@ static void client_send(pc_client *c, const char *line, size_t len)
         client_close(c, "output_limit");
 }
 
-static void request_unlink(pc_request *r)
+/* The request is answered: it leaves its client's list; reading resumes or
+ * a half-closed client closes. */
+static void request_done(pc_client *c, pc_request *r)
 {
-    pc_client *c = r->client;
-    if (!c)
-        return;
-    if (r->prev)
-        r->prev->next = r->next;
-    else
-        c->requests = r->next;
-    if (r->next)
-        r->next->prev = r->prev;
+    list_unlink(&r->link);
     c->nrequests--;
     if (c->half_closed && c->nrequests == 0 && evbuffer_get_length(bufferevent_get_output(c->bev)) == 0) {
         client_close(c, "eof");
@@ -137,27 +137,18 @@ static void request_unlink(pc_request *r)
     }
 }
 
-static void request_free(pc_request *r)
+/* The sink of every request read here (request.h). */
+static void deliver(pc_request *r, char *line, size_t len)
 {
-    proto_request_free(&r->req);
-    free(r);
-}
-
-void server_reply_ok(pc_request *r, cJSON *result)
-{
-    pc_client *c = r->client;
+    pc_client *c = r->owner;
     if (c && !c->dead) {
-        size_t len;
-        char *line = proto_reply_ok(r->req.id, result, &len);
-        if (line) {
+        if (line)
             client_send(c, line, len);
-            free(line);
-        }
-        request_unlink(r);      /* no-op if the send closed the client */
-    } else {
-        cJSON_Delete(result);
+        if (!c->dead)
+            request_done(c, r);
     }
-    request_free(r);
+    free(line);
+    req_free(r);
 }
 
 static void reply_err_raw(pc_client *c, const cJSON *id, proto_err code, const char *msg)
@@ -170,28 +161,11 @@ static void reply_err_raw(pc_client *c, const cJSON *id, proto_err code, const c
     }
 }
 
-void server_reply_err(pc_request *r, proto_err code, const char *fmt, ...)
-{
-    char msg[512];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(msg, sizeof(msg), fmt, ap);
-    va_end(ap);
-    if (code < PROTO_ERR__COUNT)
-        D->stats.errors_by_code[code]++;
-    pc_client *c = r->client;
-    if (c && !c->dead) {
-        reply_err_raw(c, r->req.id, code, msg);
-        request_unlink(r);
-    }
-    request_free(r);
-}
-
 static void handle_line(pc_client *c, const char *line, size_t len)
 {
     D->stats.requests++;
     proto_limits lim = { .max_amount = D->cfg.max_amount };
-    pc_request *r = calloc(1, sizeof(*r));
+    pc_request *r = req_new(&client_sink, c);
     if (!r) {
         reply_err_raw(c, NULL, PROTO_ERR_INTERNAL, "out of memory");
         return;
@@ -204,21 +178,17 @@ static void handle_line(pc_client *c, const char *line, size_t len)
                  proto_err_name(perr.code), perr.message);
         reply_err_raw(c, perr.id, perr.code, perr.message);
         proto_error_free(&perr);
-        free(r);
+        req_free(r);
         return;
     }
     r->uid = c->uid;
     r->gid = c->gid;
-    r->started_us = pc_now_us();
-    r->client = c;
-    r->next = c->requests;
-    if (c->requests)
-        c->requests->prev = r;
-    c->requests = r;
+    r->started_us = loop_now_us();
+    list_push_tail(&c->requests, &r->link);
     c->nrequests++;
     char why[200];
     if (!access_check(c->uid, c->gid, (int)c->pid, r->req.op, why, sizeof(why))) {
-        server_reply_err(r, PROTO_ERR_FORBIDDEN, "%s", why);
+        req_reply_err(r, PROTO_ERR_FORBIDDEN, "%s", why);
         return;
     }
     ops_dispatch(r);
@@ -348,6 +318,8 @@ static void accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct socka
         close(fd);
         return;
     }
+    list_init(&c->link);
+    list_init(&c->requests);
     struct ucred cred;
     socklen_t cl = sizeof(cred);
     if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &cl) == 0) {
@@ -359,8 +331,8 @@ static void accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct socka
         c->gid = (gid_t)-1;
     }
     evutil_make_socket_nonblocking(fd);
-    c->bev = bufferevent_socket_new(D->base, fd, BEV_OPT_CLOSE_ON_FREE);
-    c->partial_timer = evtimer_new(D->base, partial_timeout_cb, c);
+    c->bev = bufferevent_socket_new(loop_base(), fd, BEV_OPT_CLOSE_ON_FREE);
+    c->partial_timer = evtimer_new(loop_base(), partial_timeout_cb, c);
     if (!c->bev || !c->partial_timer) {
         if (c->bev)
             bufferevent_free(c->bev);
@@ -372,14 +344,8 @@ static void accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct socka
         return;
     }
     c->id = next_client_id++;
-    char key[32];
-    snprintf(key, sizeof(key), "%llu", (unsigned long long)c->id);
-    if (strmap_put(live_clients, key, c) != 0) {
-        bufferevent_free(c->bev);
-        event_free(c->partial_timer);
-        free(c);
-        return;
-    }
+    list_init(&c->requests);
+    list_push_tail(&live_clients, &c->link);
     D->nclients++;
     D->stats.clients_accepted++;
     bufferevent_setcb(c->bev, client_read_cb, client_write_cb, client_event_cb, c);
@@ -406,7 +372,7 @@ static int adopt_listen_fd(int fd)
     }
     evutil_make_socket_nonblocking(fd);
     evutil_make_socket_closeonexec(fd);
-    listener = evconnlistener_new(D->base, accept_cb, NULL, LEV_OPT_CLOSE_ON_FREE, -1, fd);
+    listener = evconnlistener_new(loop_base(), accept_cb, NULL, LEV_OPT_CLOSE_ON_FREE, -1, fd);
     if (!listener)
         return -1;
     evconnlistener_set_error_cb(listener, listener_error_cb);
@@ -445,9 +411,10 @@ static int check_socket_dir(const char *path)
 int server_start(void)
 {
     const pc_config *cfg = &D->cfg;
-    live_clients = strmap_new();
-    reap_ev = event_new(D->base, -1, 0, reap_cb, NULL);
-    if (!live_clients || !reap_ev)
+    list_init(&live_clients);
+    list_init(&dead_clients);
+    reap_ev = event_new(loop_base(), -1, 0, reap_cb, NULL);
+    if (!reap_ev)
         return -1;
     int passed = notify_listen_fd();
     if (passed >= 0)
@@ -506,7 +473,7 @@ int server_start(void)
         close(fd);
         return -1;
     }
-    listener = evconnlistener_new(D->base, accept_cb, NULL, LEV_OPT_CLOSE_ON_FREE, 1024, fd);
+    listener = evconnlistener_new(loop_base(), accept_cb, NULL, LEV_OPT_CLOSE_ON_FREE, 1024, fd);
     if (!listener) {
         log_error("event=listen_failed path=%s", cfg->listen_socket);
         close(fd);
@@ -528,31 +495,12 @@ void server_stop_listening(void)
     }
 }
 
-static void close_one(const char *key, void *value, void *arg)
-{
-    client_node **list = arg;
-    client_node *n = malloc(sizeof(*n));
-    if (n) {
-        n->c = value;
-        n->next = *list;
-        *list = n;
-    }
-}
-
 void server_close_all(void)
 {
-    client_node *list = NULL;
-    if (live_clients)
-        strmap_each(live_clients, close_one, &list);
-    while (list) {
-        client_node *n = list;
-        list = n->next;
-        client_close(n->c, "shutdown");
-        free(n);
-    }
+    pc_list *n;
+    while ((n = list_first(&live_clients)))
+        client_close(list_entry(n, pc_client, link), "shutdown");
     reap_cb(-1, 0, NULL);
-    strmap_free(live_clients);
-    live_clients = NULL;
     if (reap_ev)
         event_free(reap_ev);
     reap_ev = NULL;

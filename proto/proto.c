@@ -440,12 +440,29 @@ static int scan_string(scanner *sc)
     }
 }
 
+static int scan_number_body(scanner *sc);
+
 static bool scan_digit(const scanner *sc)
 {
     return sc->pos < sc->len && sc->s[sc->pos] >= '0' && sc->s[sc->pos] <= '9';
 }
 
+/* The longest number accepted anywhere in a request. cJSON up to 1.7.18
+ * parses a number through a 64-byte buffer and fails on longer ones (which it
+ * reports like running out of memory); no field of ours needs more than 20
+ * characters, so longer numbers are refused here as invalid_request. */
+#define PROTO_NUMBER_MAX 63
+
 static int scan_number(scanner *sc)
+{
+    size_t start = sc->pos;
+    int rc = scan_number_body(sc);
+    if (rc == 0 && sc->pos - start > PROTO_NUMBER_MAX)
+        return scan_fail(sc, "number longer than %d characters at byte %zu", PROTO_NUMBER_MAX, start);
+    return rc;
+}
+
+static int scan_number_body(scanner *sc)
 {
     if (sc->s[sc->pos] == '-')
         sc->pos++;

@@ -1,6 +1,5 @@
 /* config.c - the settings table and the `key = value` file parser (config.h). */
 #include "config.h"
-#include "access.h"
 #include "log.h"
 
 #include <errno.h>
@@ -66,10 +65,14 @@ static const setting settings[] = {
       "PostgreSQL connections in the pool." },
     { "db_reconnect_max_ms", T_INT, OFF(db_reconnect_max_ms), "5000", 100, 600000, false,
       "Cap of the exponential reconnect backoff." },
-    { "db_lock_timeout_ms", T_INT, OFF(db_lock_timeout_ms), "200", 1, 60000, true,
-      "How long a debit waits for an account row locked by another node's prepared transaction before retrying later." },
+    { "db_lock_timeout_ms", T_INT, OFF(db_lock_timeout_ms), "200", 1, 60000, false,
+      "lock_timeout of every database session: no statement waits longer for a row lock (a debit on an account that another node's prepared transaction holds is retried later; nothing ever waits on a prepared transaction otherwise)." },
+    { "db_stuck_ms", T_INT, OFF(db_stuck_ms), "10000", 100, 3600000, true,
+      "A query of the payment pool running longer than this makes `health` report the database `stuck` (not ready)." },
+    { "recovery_pool_size", T_INT, OFF(recovery_pool_size), "2", 1, 64, false,
+      "PostgreSQL connections of recovery and the admin ops, apart from the payment path's pool, so that client traffic can never take them." },
     { "node_id", T_STR, OFF(node_id), "n1", 0, 0, false,
-      "This daemon's node id (1-32 of A-Z a-z 0-9 _ -); part of every gid `pc:<node>:<hex>`." },
+      "This daemon's node id (1-32 of A-Z a-z 0-9 _ -); part of every gid `pc:<node>:<payment>`." },
     { "processor_url", T_STR, OFF(processor_url), "http://127.0.0.1:8081", 0, 0, false,
       "Base URL of the payment processor (host names go through curl's threaded resolver, off the loop)." },
     { "processor_token_file", T_STR, OFF(processor_token_file), "", 0, 0, false,
@@ -279,16 +282,51 @@ int config_validate(const pc_config *cfg, char *err, size_t errlen)
         snprintf(err, errlen, "listen_socket: path longer than 107 bytes");
         return -1;
     }
-    access_policy *p = malloc(sizeof(*p));
-    if (!p) {
-        snprintf(err, errlen, "out of memory");
-        return -1;
-    }
-    int rc = access_policy_build(p, cfg, 0, err, errlen);
-    free(p);
-    if (rc != 0)
-        return -1;
+    /* Id lists: numbers only; a class's lists add up (pay: pay_* and the 0.1
+     * names client_*) and hold at most CONFIG_MAX_IDS each. */
+    const struct { const char *key; const char *list; int group; } lists[] = {
+        { "admin_uids", cfg->admin_uids, 0 }, { "admin_gids", cfg->admin_gids, 1 },
+        { "credit_uids", cfg->credit_uids, 2 }, { "credit_gids", cfg->credit_gids, 3 },
+        { "pay_uids", cfg->pay_uids, 4 }, { "client_uids", cfg->client_uids, 4 },
+        { "pay_gids", cfg->pay_gids, 5 }, { "client_gids", cfg->client_gids, 5 },
+        { "read_uids", cfg->read_uids, 6 }, { "read_gids", cfg->read_gids, 7 },
+    };
+    static uint32_t ids[8][CONFIG_MAX_IDS];
+    unsigned count[8] = { 0 };
+    for (size_t i = 0; i < PC_ARRAY_LEN(lists); i++)
+        if (config_parse_ids(lists[i].key, lists[i].list ? lists[i].list : "", ids[lists[i].group],
+                             &count[lists[i].group], CONFIG_MAX_IDS, err, errlen) != 0)
+            return -1;
     return 0;
+}
+
+int config_parse_ids(const char *key, const char *list, uint32_t *ids, unsigned *n, unsigned max, char *err,
+                     size_t errlen)
+{
+    const char *p = list;
+    for (;;) {
+        while (*p == ' ' || *p == '\t' || *p == ',')
+            p++;
+        if (!*p)
+            return 0;
+        const char *start = p;
+        uint64_t v = 0;
+        while (*p >= '0' && *p <= '9' && v < CONFIG_NO_ID) {
+            v = v * 10 + (uint64_t)(*p - '0');
+            p++;
+        }
+        if (p == start || v >= CONFIG_NO_ID || (*p && *p != ',' && *p != ' ' && *p != '\t')) {
+            size_t len = strcspn(start, ", \t");
+            snprintf(err, errlen, "%s: '%.*s' is not a number from 0 to %lu (names are not accepted)", key,
+                     (int)(len > 32 ? 32 : len), start, (unsigned long)(CONFIG_NO_ID - 1));
+            return -1;
+        }
+        if (*n >= max) {
+            snprintf(err, errlen, "%s: more than %u ids in this class; grant a group instead", key, max);
+            return -1;
+        }
+        ids[(*n)++] = (uint32_t)v;
+    }
 }
 
 void config_apply_reloadable(pc_config *dst, const pc_config *src)
@@ -364,5 +402,5 @@ void config_print_reference(FILE *out)
                  "  running keep the permission they were admitted with.\n"
                  "- Upgrading from 0.1: `credit` is no longer allowed to every client peer; see\n"
                  "  docs/operations.md, \"Upgrading from 0.1\".\n",
-            ACCESS_MAX_IDS, ACCESS_MAX_IDS);
+            CONFIG_MAX_IDS, CONFIG_MAX_IDS);
 }

@@ -36,6 +36,8 @@ typedef struct pc_config {
     int pool_size;
     int db_reconnect_max_ms;
     int db_lock_timeout_ms;
+    int db_stuck_ms;
+    int recovery_pool_size;
     /* node */
     char *node_id;
     /* processor */
@@ -70,6 +72,14 @@ typedef struct pc_config {
     char *log_level;
     bool log_timestamps;
 } pc_config;
+
+#define CONFIG_MAX_IDS 256                  /* ids in one uid or gid list (per permission class) */
+#define CONFIG_NO_ID UINT32_C(4294967295)   /* (uid_t)-1: never a valid id */
+
+/* Append the numeric ids of a comma-separated list ("1001, 1002"; empty items
+ * skipped) to ids[*n], at most max in all. -1 with "key: problem" in err. */
+int config_parse_ids(const char *key, const char *list, uint32_t *ids, unsigned *n, unsigned max, char *err,
+                     size_t errlen) PC_MUSTCHECK;
 
 /* Fill *cfg with every default. */
 void config_defaults(pc_config *cfg);

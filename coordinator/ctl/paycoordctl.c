@@ -11,6 +11,7 @@
  */
 #include "sbuf.h"
 
+#include "gid.h"
 #include "proto.h"
 
 #include <errno.h>
@@ -218,57 +219,18 @@ static bool parse_timeout(const char *s, int64_t *out)
     return *out > 0 && *out <= CTL_TIMEOUT_MAX_MS;
 }
 
-static bool is_hex(int c)
-{
-    return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f') || (c >= 'A' && c <= 'F');
-}
-
-/* 8-4-4-4-12 hex digits. */
+/* 8-4-4-4-12 hex digits (the one codec, gid.h). */
 static bool valid_uuid(const char *s)
 {
-    if (strlen(s) != 36)
-        return false;
-    for (int i = 0; i < 36; i++) {
-        bool dash = (i == 8 || i == 13 || i == 18 || i == 23);
-        if (dash ? s[i] != '-' : !is_hex((unsigned char)s[i]))
-            return false;
-    }
-    return true;
+    unsigned char b[16];
+    return gid_uuid_parse(s, b);
 }
 
-/* PROTOCOL.md resolve: 1..PROTO_GID_MAX bytes of 0x20-0x7E. */
-static bool valid_gid(const char *s)
-{
-    size_t n = strlen(s);
-    if (n < 1 || n > PROTO_GID_MAX)
-        return false;
-    for (size_t i = 0; i < n; i++)
-        if ((unsigned char)s[i] < 0x20 || (unsigned char)s[i] > 0x7E)
-            return false;
-    return true;
-}
+/* Any gid an operator may name (the one validator, gid.h). */
+static bool valid_gid(const char *s) { return gid_valid(s, strlen(s)); }
 
-/* Our gids are pc:<node>:<32 hex of the payment uuid> (DESIGN.md); the last
- * part gives the payment id. false for any other shape. */
-static bool gid_payment_id(const char *gid, char out[37])
-{
-    if (strncmp(gid, "pc:", 3) != 0)
-        return false;
-    const char *hex = strrchr(gid, ':') + 1;
-    if (hex - gid <= 4 || strlen(hex) != 32)
-        return false;
-    size_t o = 0;
-    for (int i = 0; i < 32; i++) {
-        if (!is_hex((unsigned char)hex[i]))
-            return false;
-        if (i == 8 || i == 12 || i == 16 || i == 20)
-            out[o++] = '-';
-        char c = hex[i];
-        out[o++] = (c >= 'A' && c <= 'F') ? (char)(c - 'A' + 'a') : c;
-    }
-    out[o] = '\0';
-    return true;
-}
+/* Our gids name their payment (gid.h); false for any other shape. */
+static bool gid_payment_id(const char *gid, char out[37]) { return gid_parse(gid, NULL, out); }
 
 /* ------------------------------------------------------------------ commands and options */
 

@@ -22,7 +22,9 @@
  * replaced, and never while a callback of theirs is on the stack.
  */
 #include "pgpool.h"
+#include "backoff.h"
 #include "log.h"
+#include "rng.h"
 
 #include <event2/event.h>
 #include <stdio.h>
@@ -82,6 +84,8 @@ typedef struct pconn {
     int failures;           /* consecutive failed attempts: the backoff exponent */
     bool ever_up;
     double attempt_ms;      /* when the current connect attempt started */
+    double busy_since_ms;   /* when the running query was handed to libpq */
+    char fence[96];         /* application_name of the current session ("" before any) */
 } pconn;
 
 struct pgpool {
@@ -89,6 +93,8 @@ struct pgpool {
     pgpool_config cfg;      /* conninfo not kept: see kw/val */
     const char **kw;        /* PQconnectStartParams arrays, NULL-terminated, owned */
     const char **val;
+    int app_idx;            /* index of application_name in kw/val (-1: none); its value is set per attempt */
+    char *app_name;         /* the prefix of fence tokens */
     pconn *conns;
     int nstate[CONN_NSTATES];
     pgq *head, *tail;
@@ -100,7 +106,6 @@ struct pgpool {
     bool closing;           /* pgpool_free() called: refuse new queries */
     int depth;              /* user callbacks on the stack */
     uint64_t next_id;
-    uint64_t rng;
     pgpool_counters st;
 };
 
@@ -144,31 +149,14 @@ static const char *squash(const char *in, char *out, size_t outlen)
     return out;
 }
 
-static uint64_t rng_next(pgpool *p)
+/* Reconnect delay after `failures` consecutive failed attempts: the one
+ * backoff rule (base/backoff.h) from 2 * reconnect_min_ms up to
+ * reconnect_max_ms, so connections dropped together do not come back
+ * together; never below reconnect_min_ms. */
+static int reconnect_delay_ms(pgpool *p, int failures)
 {
-    /* xorshift64*: jitter only, not security. */
-    p->rng ^= p->rng >> 12;
-    p->rng ^= p->rng << 25;
-    p->rng ^= p->rng >> 27;
-    return p->rng * 2685821657736338717ULL;
-}
-
-/* Reconnect delay after `failures` consecutive failed attempts: the ceiling
- * starts at 2 * reconnect_min_ms and doubles up to reconnect_max_ms; the delay
- * is drawn from [ceiling/2, ceiling] ("equal jitter", so connections dropped
- * together do not come back together), never below reconnect_min_ms. */
-static int backoff_ms(pgpool *p, int failures)
-{
-    int64_t ceiling = (int64_t)p->cfg.reconnect_min_ms * 2;
-    for (int i = 0; i < failures && ceiling < p->cfg.reconnect_max_ms; i++)
-        ceiling *= 2;
-    if (ceiling > p->cfg.reconnect_max_ms)
-        ceiling = p->cfg.reconnect_max_ms;
-    int64_t half = ceiling / 2;
-    int64_t delay = half + (int64_t)(rng_next(p) % (uint64_t)(ceiling - half + 1));
-    if (delay < p->cfg.reconnect_min_ms)
-        delay = p->cfg.reconnect_min_ms;
-    return (int)delay;
+    int delay = backoff_ms((int64_t)p->cfg.reconnect_min_ms * 2, failures, p->cfg.reconnect_max_ms);
+    return delay < p->cfg.reconnect_min_ms ? p->cfg.reconnect_min_ms : delay;
 }
 
 static bool pool_is_up(const pgpool *p)
@@ -267,7 +255,7 @@ static bool conn_watch(pconn *c, short what)
 static void conn_schedule_reconnect(pconn *c)
 {
     pgpool *p = c->pool;
-    int delay = backoff_ms(p, c->failures);
+    int delay = reconnect_delay_ms(p, c->failures);
     struct timeval tv = ms_to_tv(delay);
     conn_set_state(c, CONN_WAITING);
     evtimer_add(c->timer, &tv);
@@ -310,7 +298,15 @@ static void conn_start(pconn *c)
     pgpool *p = c->pool;
     struct timeval tv = ms_to_tv(p->cfg.connect_timeout_ms);
     c->attempt_ms = now_ms();
+    if (p->app_idx >= 0) {
+        /* A fresh token per session: a lost session can be found (and
+         * terminated) by it, and no later session shares it. */
+        snprintf(c->fence, sizeof(c->fence), "%s/%016llx", p->app_name, (unsigned long long)rng_next());
+        p->val[p->app_idx] = c->fence;
+    }
     c->pg = PQconnectStartParams(p->kw, p->val, 0);
+    if (p->app_idx >= 0)
+        p->val[p->app_idx] = NULL;
     if (!c->pg) {
         conn_attempt_failed(c, "out of memory");
         return;
@@ -359,6 +355,8 @@ static const char *status_name(pgq_status s)
 static void run_callback(pgpool *p, pgq *q, pgpool_reply *r)
 {
     r->elapsed_ms = now_ms() - q->enqueued_ms;
+    if (!r->fence)
+        r->fence = "";
     if (r->status == PGQ_SQL_ERROR)
         p->st.errors++;
     else if (r->status == PGQ_CONN_LOST)
@@ -436,7 +434,7 @@ PC_MUSTCHECK static bool conn_lost(pconn *c)
     conn_schedule_reconnect(c);
     if (q) {
         pgpool_reply r = { .status = PGQ_CONN_LOST, .sqlstate = sqlstate, .errmsg = why,
-                           .sent = true };
+                           .sent = true, .fence = c->fence };
         if (finish_query(p, q, &r))
             return true;
     }
@@ -592,6 +590,7 @@ PC_MUSTCHECK static bool conn_query_done(pconn *c)
         .sqlstate = c->err_state ? c->err_state : "",
         .errmsg = c->err_msg ? c->err_msg : "",
         .sent = true,
+        .fence = c->fence,
     };
     c->q = NULL;
     if (finish_query(p, q, &r))
@@ -712,6 +711,7 @@ PC_MUSTCHECK static bool pool_dispatch(pgpool *p)
         }
         pgq *q = queue_pop(p);
         c->q = q;
+        c->busy_since_ms = now_ms();
         conn_set_state(c, CONN_BUSY);
         log_debug("pgpool event=query_start conn=%d query=%llu nparams=%d queued_ms=%.2f", c->id,
                   (unsigned long long)q->id, q->nparams < 0 ? 0 : q->nparams,
@@ -765,9 +765,11 @@ static void pool_destroy(pgpool *p)
     if (p->kw) {
         for (int i = 0; p->kw[i]; i++) {
             free((char *)p->kw[i]);
-            free((char *)p->val[i]);
+            if (i != p->app_idx)
+                free((char *)p->val[i]);
         }
     }
+    free(p->app_name);
     free(p->kw);
     free(p->val);
     free(p->conns);
@@ -794,6 +796,7 @@ static bool kw_add(pgpool *p, int *n, const char *k, const char *v)
 static bool pool_build_params(pgpool *p, const char *conninfo)
 {
     static const char scs_opt[] = "-c standard_conforming_strings=on";
+    char lt_opt[48] = "";
     char *err = NULL, *options = NULL;
     char buf[ERRBUF_LEN];
     bool ok = false, have_fallback = false;
@@ -809,8 +812,8 @@ static bool pool_build_params(pgpool *p, const char *conninfo)
     }
     for (PQconninfoOption *o = opts; o->keyword; o++)
         nopts++;
-    p->kw = calloc(nopts + 4, sizeof(*p->kw));
-    p->val = calloc(nopts + 4, sizeof(*p->val));
+    p->kw = calloc(nopts + 6, sizeof(*p->kw));
+    p->val = calloc(nopts + 6, sizeof(*p->val));
     if (!p->kw || !p->val)
         goto oom;
     for (PQconninfoOption *o = opts; o->keyword; o++) {
@@ -824,6 +827,8 @@ static bool pool_build_params(pgpool *p, const char *conninfo)
             continue;    /* forced below */
         if (strcmp(o->keyword, "fallback_application_name") == 0)
             have_fallback = true;
+        if (p->cfg.app_name && strcmp(o->keyword, "application_name") == 0)
+            continue;    /* the fence token takes its place */
         if (!kw_add(p, &n, o->keyword, o->val))
             goto oom;
     }
@@ -832,15 +837,25 @@ static bool pool_build_params(pgpool *p, const char *conninfo)
         user_options = getenv("PGOPTIONS");
     if (!user_options)
         user_options = "";
-    size_t len = strlen(user_options) + sizeof(scs_opt) + 1;
+    if (p->cfg.lock_timeout_ms > 0)
+        snprintf(lt_opt, sizeof(lt_opt), " -c lock_timeout=%dms", p->cfg.lock_timeout_ms);
+    size_t len = strlen(user_options) + sizeof(scs_opt) + strlen(lt_opt) + 1;
     options = malloc(len);
     if (!options)
         goto oom;
-    snprintf(options, len, "%s%s%s", user_options, user_options[0] ? " " : "", scs_opt);
+    snprintf(options, len, "%s%s%s%s", user_options, user_options[0] ? " " : "", scs_opt, lt_opt);
     if (!kw_add(p, &n, "options", options) || !kw_add(p, &n, "client_encoding", "UTF8"))
         goto oom;
     if (!have_fallback && !kw_add(p, &n, "fallback_application_name", "paycoord"))
         goto oom;
+    if (p->cfg.app_name) {
+        /* The value is filled in per connection attempt (conn_start). */
+        if (!kw_add(p, &n, "application_name", ""))
+            goto oom;
+        p->app_idx = n - 1;
+        free((char *)p->val[p->app_idx]);
+        p->val[p->app_idx] = NULL;
+    }
     ok = true;
     goto out;
 oom:
@@ -882,9 +897,10 @@ pgpool *pgpool_new(struct event_base *base, const pgpool_config *cfg)
     p->base = base;
     p->cfg = *cfg;
     p->cfg.conninfo = NULL;
-    p->rng = ((uint64_t)time(NULL) << 20) ^ (uint64_t)getpid() ^ (uint64_t)(uintptr_t)p;
-    if (!p->rng)
-        p->rng = 0x9e3779b97f4a7c15ULL;
+    p->app_idx = -1;
+    if (cfg->app_name && !(p->app_name = strdup(cfg->app_name)))
+        goto fail;
+    p->cfg.app_name = p->app_name;
     p->conns = calloc((size_t)cfg->size, sizeof(*p->conns));
     p->kick = event_new(base, -1, 0, kick_cb, p);
     if (!p->conns || !p->kick)
@@ -1016,6 +1032,15 @@ int pgpool_connected(const pgpool *p)
 }
 int pgpool_busy(const pgpool *p) { return p->nstate[CONN_BUSY] + p->nstate[CONN_ROLLBACK]; }
 int pgpool_queued(const pgpool *p) { return p->nqueued; }
+
+int pgpool_oldest_busy_ms(const pgpool *p)
+{
+    double now = now_ms(), oldest = 0;
+    for (int i = 0; i < p->cfg.size; i++)
+        if (p->conns[i].state == CONN_BUSY && now - p->conns[i].busy_since_ms > oldest)
+            oldest = now - p->conns[i].busy_since_ms;
+    return (int)oldest;
+}
 
 void pgpool_set_state_cb(pgpool *p, void (*cb)(bool up, void *arg), void *arg)
 {

@@ -33,6 +33,10 @@ typedef struct pgpool_config {
     int connect_timeout_ms;       /* per connection attempt */
     int reconnect_min_ms;         /* backoff start */
     int reconnect_max_ms;         /* backoff cap */
+    /* Optional (zero/NULL: off). */
+    int lock_timeout_ms;          /* every session runs with lock_timeout = this */
+    const char *app_name;         /* application_name prefix; each connection attempt gets
+                                     "<app_name>/<16 hex>", its fence token (see below) */
 } pgpool_config;
 
 typedef enum {
@@ -50,6 +54,10 @@ typedef struct pgpool_reply {
     const char *errmsg;           /* primary message of the first error, or "" */
     bool sent;                    /* whether any of it may have reached the server */
     double elapsed_ms;            /* queue + execution time */
+    /* The connection's fence token (its application_name; "" if it never ran on
+     * one): after PGQ_CONN_LOST with sent=true, the server session that may
+     * still be running the query is the one whose application_name is this. */
+    const char *fence;
 } pgpool_reply;
 
 typedef void (*pgpool_cb)(const pgpool_reply *reply, void *arg);
@@ -121,6 +129,9 @@ typedef struct pgpool_counters {
     uint64_t reconnects;       /* successful connects of a connection that had been up before */
     int max_queued;            /* high-water mark of pgpool_queued() */
 } pgpool_counters;
+
+/* How long the oldest query still running on a connection has run, in ms (0: none). */
+int pgpool_oldest_busy_ms(const pgpool *p);
 
 /* Copies the counters accumulated since pgpool_new(); cheap, no locking (one loop thread). */
 void pgpool_stats(const pgpool *p, pgpool_counters *out);

@@ -3,6 +3,7 @@
  * driven by libevent, one easy handle per call, answers mapped to psp_outcome.
  */
 #include "psp.h"
+#include "gid.h"
 #include "log.h"
 
 #include <arpa/inet.h>
@@ -70,6 +71,7 @@ struct psp_req {
     psp_cb cb;
     void *arg;
     psp_result res;
+    int retry_after_ms;                /* from a Retry-After header (delta-seconds) */
     char errbuf[CURL_ERROR_SIZE];
 };
 
@@ -179,15 +181,11 @@ static const char *kv(char *buf, size_t size, const char *s)
     return buf;
 }
 
-/* A gid goes into a header, a URL and log lines: 1..255 printable, no space. */
-static bool gid_valid(const char *gid)
+/* A gid goes into a header, a URL and log lines: the one gid rule (gid.h):
+ * printable ASCII, no control characters. */
+static bool key_valid(const char *gid)
 {
-    if (gid == NULL || gid[0] == '\0' || strlen(gid) > MAX_GID_LEN)
-        return false;
-    for (const char *p = gid; *p; p++)
-        if (*p <= ' ' || *p >= 0x7f)
-            return false;
-    return true;
+    return gid != NULL && gid_valid(gid, strlen(gid));
 }
 
 /* ---- answer classification (pure) ------------------------------------- */
@@ -202,6 +200,7 @@ const char *psp_outcome_name(psp_outcome o)
     case PSP_INVALID: return "invalid";
     case PSP_AUTH: return "auth";
     case PSP_UNSUPPORTED: return "unsupported";
+    case PSP_RATE_LIMITED: return "rate_limited";
     case PSP_UNKNOWN: return "unknown";
     }
     return "?";
@@ -390,12 +389,16 @@ void psp_classify(const char *gid, long http_status, const char *body, size_t le
         res->outcome = PSP_AUTH;
         snprintf(res->error, sizeof(res->error), "%s", code ? code : "unauthorized");
         break;
+    case 429:
+        res->outcome = PSP_RATE_LIMITED;
+        snprintf(res->error, sizeof(res->error), "%s", code ? code : "rate_limited");
+        break;
     case 501:
         res->outcome = PSP_UNSUPPORTED;
         snprintf(res->error, sizeof(res->error), "%s", code ? code : "not_implemented");
         break;
     default:
-        /* 429, 5xx, and anything the contract does not name (3xx: redirects
+        /* 5xx, and anything the contract does not name (3xx: redirects
          * are off): the outcome is unknown. */
         if (code != NULL)
             snprintf(res->error, sizeof(res->error), "http_%ld %s", http_status, code);
@@ -470,6 +473,29 @@ static void req_release(psp_client *c, psp_req *r)
     free(r);
 }
 
+/* Only Retry-After is read (its delta-seconds form; an HTTP date is ignored). */
+static size_t header_cb(char *buf, size_t size, size_t n, void *arg)
+{
+    psp_req *r = arg;
+    size_t len = size * n;
+    static const char name[] = "retry-after:";
+    if (len > sizeof(name) - 1 && strncasecmp(buf, name, sizeof(name) - 1) == 0) {
+        char v[32];
+        size_t vl = len - (sizeof(name) - 1);
+        if (vl >= sizeof(v))
+            vl = sizeof(v) - 1;
+        memcpy(v, buf + sizeof(name) - 1, vl);
+        v[vl] = '\0';
+        char *end;
+        long secs = strtol(v, &end, 10);
+        while (*end == ' ' || *end == '\r' || *end == '\n' || *end == '\t')
+            end++;
+        if (end != v && *end == '\0' && secs >= 0 && secs <= 3600)
+            r->retry_after_ms = (int)secs * 1000;
+    }
+    return len;
+}
+
 static size_t write_cb(char *ptr, size_t size, size_t nmemb, void *userdata)
 {
     psp_req *r = userdata;
@@ -520,6 +546,8 @@ static void req_finish(psp_req *r, CURLcode code)
                      r->errbuf[0] ? r->errbuf : "-");
     } else {
         psp_classify(r->gid, http, r->resp, r->resp_len, &r->res);
+        if (r->res.outcome == PSP_RATE_LIMITED)
+            r->res.retry_after_ms = r->retry_after_ms;
     }
     r->res.elapsed_ms = now_ms() - r->start_ms;
     log_result(r);
@@ -926,8 +954,8 @@ static int submit(psp_client *c, psp_call call, const char *gid, const psp_creat
         why = "client shutting down";
         goto out;
     }
-    if (!gid_valid(gid)) {
-        why = "gid must be 1..255 printable characters without spaces";
+    if (!key_valid(gid)) {
+        why = "gid must be 1..200 printable characters";
         goto out;
     }
 
@@ -999,6 +1027,8 @@ static int submit(psp_client *c, psp_call call, const char *gid, const psp_creat
     SETOPT(CURLOPT_USERAGENT, "paycoord/" PAYCOORD_VERSION);
     SETOPT(CURLOPT_WRITEFUNCTION, write_cb);
     SETOPT(CURLOPT_WRITEDATA, (void *)r);
+    SETOPT(CURLOPT_HEADERFUNCTION, header_cb);
+    SETOPT(CURLOPT_HEADERDATA, (void *)r);
     if (call == CALL_GET) {
         SETOPT(CURLOPT_HTTPGET, 1L);
     } else {

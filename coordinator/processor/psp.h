@@ -40,7 +40,8 @@ typedef enum {
     PSP_INVALID,            /* 400 / 422 */
     PSP_AUTH,               /* 401 / 403 */
     PSP_UNSUPPORTED,        /* 501 (cancel by key unsupported) */
-    PSP_UNKNOWN             /* 429, other 5xx, connect error, reset, timeout, unparsable body: outcome unknown */
+    PSP_RATE_LIMITED,       /* 429: try again later (retry_after_ms from Retry-After, 0 if none) */
+    PSP_UNKNOWN             /* other 5xx, connect error, reset, timeout, unparsable body: outcome unknown */
 } psp_outcome;
 
 typedef enum {
@@ -68,6 +69,7 @@ typedef struct psp_result {
     psp_payment payment;           /* set for PSP_PAYMENT and PSP_ALREADY_SUCCEEDED */
     char error[256];               /* curl error or processor error code, for logs */
     double elapsed_ms;
+    int retry_after_ms;            /* PSP_RATE_LIMITED: Retry-After in ms (delta-seconds form), else 0 */
 } psp_result;
 
 typedef void (*psp_cb)(const psp_result *res, void *arg);

@@ -1,6 +1,7 @@
 """Each payment outcome end to end: succeeded, declined, insufficient_funds,
 pending then settled; replays, status lookups, credits and balances."""
 
+import re
 import time
 
 from harness import check_invariants, wait_for
@@ -14,7 +15,9 @@ def test_succeeded_and_replayed(env):
              reference="order 1", metadata={"cart": "42"})
     assert r["status"] == "succeeded"
     assert r["amount"] == 1250 and r["currency"] == "EUR" and r["account"] == "acct-1"
-    assert r["gid"].startswith("pc:t1:") and len(r["gid"]) == len("pc:t1:") + 32
+    # pc:<node>:<payment uuid in 26 lower-case base32 characters> (docs/architecture.md)
+    assert re.fullmatch(r"pc:t1:[a-z2-7]{26}", r["gid"]), r["gid"]
+    assert len(r["gid"]) <= 64
     assert r["processor_ref"].startswith("psp_") and r["decline_code"] is None
     assert "replayed" not in r
     assert c.ok("balance", account="acct-1") == {"account": "acct-1", "currency": "EUR", "balance": 8750,

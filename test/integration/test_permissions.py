@@ -277,7 +277,7 @@ def test_reload_revokes_at_once_but_admitted_requests_finish(env):
     assert out["pay1"]["result"]["status"] == "succeeded", out["pay1"]
     assert out["pay1b"]["result"]["status"] == "succeeded", out["pay1b"]
     env.psp.faults(latency_ms=0)
-    rows = dict(env.pg.query("SELECT idempotency_key, status FROM payments"))
+    rows = dict(env.pg.query("SELECT idempotency_key, derived_status FROM payments_view"))
     assert rows == {"rl-pay-1": "succeeded", "rl-pay-1b": "succeeded"}
     credits = {k for (k,) in env.pg.query("SELECT idempotency_key FROM credits")}
     assert credits == {f"open-{ACCT}", "cr-1"}

@@ -166,12 +166,18 @@ def test_manual_review_then_resolve(env):
     d = crash_at(env, "after_prepare", "k-rev")
     gid = gid_of(env, "k-rev")
     env.psp.faults(fail_before_rate=1.0, fault_ops=["get", "cancel"])     # the processor cannot tell us
-    c = restart(d, max_recovery_attempts=2, recovery_interval_ms=100)
-    for _ in range(3):
+    c = restart(d, max_recovery_attempts=2, recovery_interval_ms=2000)
+    # Forced passes ask early, but only answers that were due count as
+    # attempts: a burst of `recover` does not push a gid to review.
+    for _ in range(5):
         c.ok("recover")
-    txs = c.ok("prepared")["transactions"]
-    t = [t for t in txs if t["gid"] == gid][0]
-    assert t["state"] == "review" and t["attempts"] >= 2 and t["account"] == "acct-r" and t["amount"] == 700
+    assert env.pg.query("SELECT coalesce(max(attempts), 0) FROM recovery_state")[0][0] <= 1
+
+    def in_review():
+        txs = c.ok("prepared")["transactions"]
+        return [t for t in txs if t["gid"] == gid and t["state"] == "review"]
+    t = wait_for(in_review, timeout=15, what="manual review after 2 due attempts")[0]
+    assert t["attempts"] >= 2 and t["account"] == "acct-r" and t["amount"] == 700
     assert t["last_error"]
     # Recovery leaves it alone now; a person settles it, with a reason.
     assert c.ok("recover")["checked"] == 0
@@ -261,7 +267,9 @@ def test_two_daemons_own_their_nodes(env):
     dup.stop()
     # t2 is dead: its lock is free, so an operator lets t1 settle t2's gids.
     r = ca.ok("recover", node="t2")
-    assert r["checked"] == 1 and r["rolled_back"] == 1 and r["node"] == "t2"
+    # k-b is rolled back; k-b0's row may also be brought up to date (t2 died
+    # before its batched 'succeeded' write), which counts as checked too.
+    assert r["checked"] in (1, 2) and r["rolled_back"] == 1 and r["node"] == "t2"
     assert gid_b not in prepared_gids(env)
     assert ca.ok("status", idempotency_key="k-b")["status"] == "declined"
     a.stop()

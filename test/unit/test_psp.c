@@ -163,7 +163,7 @@ static void test_classify_table(void **state)
         { 401, "", PSP_AUTH, PSP_ST_NONE, NULL },
         { 403, "{\"error\":{\"code\":\"forbidden\"}}", PSP_AUTH, PSP_ST_NONE, "forbidden" },
         { 501, "", PSP_UNSUPPORTED, PSP_ST_NONE, NULL },
-        { 429, "", PSP_UNKNOWN, PSP_ST_NONE, "http_429" },
+        { 429, "", PSP_RATE_LIMITED, PSP_ST_NONE, "rate_limited" },
         { 500, PAY("succeeded", ""), PSP_UNKNOWN, PSP_ST_NONE, "http_500" },
         { 502, "", PSP_UNKNOWN, PSP_ST_NONE, "http_502" },
         { 503, "{\"error\":{\"code\":\"unavailable\"}}", PSP_UNKNOWN, PSP_ST_NONE,
@@ -351,7 +351,7 @@ static void test_fake_request_shape(void **state)
     /* Bad gids are refused up front; the callback never fires. */
     r.calls = 0;
     assert_int_equal(psp_get(c, "", rec_cb, &r), -1);
-    assert_int_equal(psp_get(c, "has space", rec_cb, &r), -1);
+    assert_int_equal(psp_get(c, "ctl\x7f", rec_cb, &r), -1);
     assert_int_equal(psp_get(c, "crlf\r\nX-Evil: 1", rec_cb, &r), -1);
     assert_int_equal(psp_get(c, NULL, rec_cb, &r), -1);
     assert_int_equal(psp_get(c, "g", NULL, NULL), -1);
@@ -383,7 +383,7 @@ static void test_fake_edge_answers(void **state)
     } cases[] = {
         { 200, "this is not json", PSP_UNKNOWN, "unparsable_body" },
         { 200, PAY("refunded", ""), PSP_UNKNOWN, "payment_bad_status" },
-        { 429, "{\"error\":{\"code\":\"rate_limited\"}}", PSP_UNKNOWN, "http_429" },
+        { 429, "{\"error\":{\"code\":\"rate_limited\"}}", PSP_RATE_LIMITED, "rate_limited" },
         { 302, "", PSP_UNKNOWN, "http_302" },
         { 409, "{\"error\":{\"code\":\"already_succeeded\"},\"payment\":" PAY("succeeded", "") "}",
           PSP_ALREADY_SUCCEEDED, "already_succeeded" },

@@ -3,6 +3,7 @@
  * per request. */
 #include "access.h"
 #include "log.h"
+#include "loop.h"
 
 #include <stdio.h>
 #include <string.h>
@@ -44,34 +45,11 @@ access_class access_op_class(proto_op op)
     return ACCESS_ADMIN;
 }
 
-/* Append the ids of a comma-separated list ("1001, 1002"; empty items are
- * skipped) to *ids. */
+/* Append the ids of a comma-separated list to *ids (the list rule is
+ * config.c's, so --check-config sees the same errors). */
 static int parse_ids(access_ids *ids, const char *key, const char *list, char *err, size_t errlen)
 {
-    const char *p = list;
-    for (;;) {
-        while (*p == ' ' || *p == '\t' || *p == ',')
-            p++;
-        if (!*p)
-            return 0;
-        const char *start = p;
-        uint64_t v = 0;
-        while (*p >= '0' && *p <= '9' && v < ACCESS_NO_ID) {
-            v = v * 10 + (uint64_t)(*p - '0');
-            p++;
-        }
-        if (p == start || v >= ACCESS_NO_ID || (*p && *p != ',' && *p != ' ' && *p != '\t')) {
-            size_t n = strcspn(start, ", \t");
-            snprintf(err, errlen, "%s: '%.*s' is not a number from 0 to %lu (names are not accepted)", key,
-                     (int)(n > 32 ? 32 : n), start, (unsigned long)(ACCESS_NO_ID - 1));
-            return -1;
-        }
-        if (ids->n >= ACCESS_MAX_IDS) {
-            snprintf(err, errlen, "%s: more than %d ids in this class; grant a group instead", key, ACCESS_MAX_IDS);
-            return -1;
-        }
-        ids->id[ids->n++] = (uint32_t)v;
-    }
+    return config_parse_ids(key, list, ids->id, &ids->n, ACCESS_MAX_IDS, err, errlen);
 }
 
 int access_policy_build(access_policy *p, const pc_config *cfg, uint32_t self_uid, char *err, size_t errlen)
@@ -153,16 +131,10 @@ void access_configure(const pc_config *cfg)
     active = next;
 }
 
-static uint64_t mono_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
-}
 
 static void log_refusal(uint32_t uid, uint32_t gid, int pid, proto_op op, access_class c)
 {
-    uint64_t now = mono_ms();
+    uint64_t now = loop_now_ms();
     if (window_start_ms == 0 || now - window_start_ms >= ACCESS_LOG_WINDOW_MS) {
         if (window_suppressed)
             log_warn("event=forbidden_suppressed count=%llu window_ms=%d",

@@ -34,8 +34,8 @@ typedef enum {
     ACCESS__COUNT
 } access_class;
 
-#define ACCESS_MAX_IDS 256                  /* ids per class and kind (uids or gids) */
-#define ACCESS_NO_ID UINT32_C(4294967295)   /* (uid_t)-1: credentials unknown */
+#define ACCESS_MAX_IDS CONFIG_MAX_IDS       /* ids per class and kind (uids or gids) */
+#define ACCESS_NO_ID CONFIG_NO_ID           /* (uid_t)-1: credentials unknown */
 #define ACCESS_LOG_BURST 10                 /* refusal lines logged per window ... */
 #define ACCESS_LOG_WINDOW_MS 10000          /* ... then only counted until it ends */
 

@@ -1,0 +1,352 @@
+/*
+ * store.h - every statement paycoord runs against PostgreSQL, behind one
+ * interface: the payment rows, the debits and their prepared transactions,
+ * credits, recovery's bookkeeping, the node lock and the admin reads. The
+ * payment path (pay/) and recovery (recovery/) share the database only
+ * through here; neither builds SQL. store_pg.c implements it on pgpool; the
+ * simulation (test/sim/) implements it on an in-memory model of the same
+ * rules.
+ *
+ * Callback contract (every store_* call that takes a callback): the call
+ * returns STORE_QUEUED and the callback fires exactly once, later, from the
+ * loop; or it returns STORE_UNAVAILABLE / STORE_OVERLOADED and the callback
+ * never fires (nothing was sent). Pointers inside a result are valid only
+ * during the callback.
+ *
+ * Durability: a call documented "durable" answers only after its commit has
+ * been flushed (a synchronous commit, or an asynchronous one that a later
+ * flush in the same call covers). Everything else may be lost in a crash of
+ * PostgreSQL, and is written only where recovery can rebuild it.
+ *
+ * Statuses. The status a client sees is derived, never read from one
+ * column: 'succeeded' when a committed ledger debit exists for the payment
+ * (that debit commits exactly with COMMIT PREPARED), else the row's status
+ * ('pending', 'declined', 'insufficient_funds'). The row's own column is
+ * brought up to date afterwards (store_record_success) and, if that write is
+ * lost, by recovery.
+ *
+ * Locks. The prepared debit holds the account row (FOR NO KEY UPDATE) and,
+ * through the ledger's foreign key, a KEY SHARE lock on the payment row: so
+ * nothing here ever waits on a prepared transaction except a second debit of
+ * the same account, and every session runs with lock_timeout set, so no
+ * statement waits longer than that for anything.
+ */
+#ifndef PAYCOORD_STORE_H
+#define PAYCOORD_STORE_H
+
+#include "common.h"
+
+#include <cjson/cJSON.h>
+#include <stdint.h>
+
+enum { STORE_QUEUED = 0, STORE_UNAVAILABLE = -1, STORE_OVERLOADED = -2 };
+
+typedef enum {
+    ST_OK = 0,        /* it ran */
+    ST_NOT_SENT,      /* nothing reached the database: nothing happened */
+    ST_LOST,          /* the connection broke after sending: it may or may not have happened */
+    ST_ERROR,         /* the database refused it (sqlstate, errmsg) */
+    ST_SHUTDOWN       /* the store shut down first: it may or may not have happened */
+} st_status;
+
+/* Which connections a call uses: the payment path's pool, or recovery's own
+ * (which client traffic can never take; admin ops use it too). */
+typedef enum { CH_PAY = 0, CH_REC } store_chan;
+
+/* A payment's facts, as the store needs them. */
+typedef struct store_pay {
+    const char *payment_id;        /* canonical uuid text */
+    const char *gid;
+    const char *key;
+    const char *account;
+    const char *currency;
+    const char *reference;         /* NULL: none */
+    const cJSON *metadata;         /* NULL: none */
+    const char *node;
+    int64_t amount;
+    int deadline_ms;
+    /* The times a client is told (created_at, updated_at), written as they
+     * were told, so that the row reads back exactly as the first answer. */
+    int64_t created_ms, updated_ms;
+} store_pay;
+
+/* ------------------------------------------------------------ lifecycle */
+
+int store_init(void) PC_MUSTCHECK;      /* pools from D->cfg; 0 or -1 */
+void store_shutdown(void);              /* pending callbacks fire with ST_SHUTDOWN */
+bool store_is_up(void);                 /* the payment pool has a connection */
+/* A query of the payment pool has run longer than stuck_ms: the pool is stuck. */
+bool store_is_stuck(int *oldest_ms);
+/* Up/down changes of the payment pool (the top layer registers it). */
+void store_set_state_cb(void (*cb)(bool up));
+/* Write whatever is batched now (on SIGTERM, before the pools go). */
+void store_flush(void);
+/* Queries in progress or queued on every pool: 0 when idle. */
+int store_busy(void);
+
+typedef struct store_pool_stats {
+    int size, connected, busy, queued;
+} store_pool_stats;
+void store_pool_stats_get(store_chan ch, store_pool_stats *out);
+
+/* ------------------------------------------------------------ payment path */
+
+typedef enum {
+    P1_PREPARED = 0,      /* the debit is prepared under the gid (durable: PREPARE flushed) */
+    P1_NSF,               /* balance < amount: nothing prepared; the intent row is written */
+    P1_UNKNOWN_ACCOUNT,   /* nothing written */
+    P1_CURRENCY_MISMATCH, /* nothing written; errmsg says which */
+    P1_DUPLICATE_KEY,     /* the key has a row already (another payment): nothing written */
+    P1_RETRY,             /* the debit failed for now (row lock timeout, serialization, ...):
+                             try the debit again; intent_written tells whether the row exists */
+    P1_FAILED,            /* an error before the intent was written: nothing written */
+    P1_LOST,              /* the connection broke after sending: anything may have happened;
+                             ask store_get_facts() with fence */
+    P1_NOT_SENT,          /* nothing happened */
+    P1_SHUTDOWN
+} p1_outcome;
+
+typedef struct store_p1 {
+    p1_outcome outcome;
+    bool intent_written;           /* the intent row is committed (asynchronously) */
+    const char *fence;             /* P1_LOST: the lost session's fence token */
+    const char *sqlstate, *errmsg;
+    double elapsed_ms;
+} store_p1;
+
+/* One round trip: the intent row (with_intent; committed asynchronously),
+ * then BEGIN, the conditional debit and its ledger row, PREPARE TRANSACTION
+ * gid. */
+int store_phase1(const store_pay *p, bool with_intent, void (*cb)(const store_p1 *, void *), void *arg)
+    PC_MUSTCHECK;
+
+/* What the database holds for one payment. */
+typedef struct store_facts {
+    st_status st;
+    const char *errmsg;
+    bool fenced;                   /* with a fence: the old session is gone (else ask again later) */
+    bool row;                      /* the payment row exists */
+    const char *status;            /* its status column ("" without a row) */
+    bool prepared;                 /* its prepared transaction exists */
+    bool debited;                  /* a committed ledger debit exists: it succeeded */
+    bool review;                   /* recovery_state flags it for review */
+    const char *processor_ref;     /* NULL: none */
+} store_facts;
+
+/* Read the facts; with a fence token, first make sure the session that token
+ * names is gone (terminating it if needed), so that nothing it was running can
+ * still land after the answer. payment_id may be "" (a gid without a row). */
+int store_get_facts(store_chan ch, const char *payment_id, const char *gid, const char *fence,
+                void (*cb)(const store_facts *, void *), void *arg) PC_MUSTCHECK;
+
+typedef enum {
+    P2_DONE = 0,          /* committed / rolled back (durable) */
+    P2_GONE,              /* no such prepared transaction (someone settled it, or it was lost) */
+    P2_RETRY,             /* not sent, connection lost, error: the decision stands, try again */
+    P2_SHUTDOWN
+} p2_outcome;
+
+typedef struct store_p2 {
+    p2_outcome outcome;
+    const char *sqlstate, *errmsg;
+    double elapsed_ms;
+} store_p2;
+
+/* COMMIT PREPARED or ROLLBACK PREPARED gid. */
+int store_finish(store_chan ch, const char *gid, bool commit, void (*cb)(const store_p2 *, void *), void *arg)
+    PC_MUSTCHECK;
+
+typedef struct store_settled {
+    st_status st;
+    const char *errmsg;
+    bool conflict;                 /* no row, and the key belongs to another payment now */
+    const char *status;            /* the derived status afterwards */
+} store_settled;
+
+/* Durable: the final status of a payment that holds no prepared debit
+ * (insufficient_funds, a decline after ROLLBACK PREPARED, ...). Only a
+ * 'pending' row without a committed debit changes; a missing row is written
+ * anew from p (a write lost by PostgreSQL). Answers the derived status. */
+int store_settle(store_chan ch, const store_pay *p, const char *status, const char *decline_code,
+                 const char *processor_ref, void (*cb)(const store_settled *, void *), void *arg) PC_MUSTCHECK;
+
+/* After COMMIT PREPARED: the row's status 'succeeded' and the processor's
+ * reference, written in batches with asynchronous commit (a lost write is
+ * rebuilt by recovery; the derived status is right without it). cb fires
+ * once the batch holding it has been written (ok) or has failed. */
+int store_record_success(const char *payment_id, const char *processor_ref, int64_t updated_ms,
+                         void (*cb)(bool ok, void *), void *arg) PC_MUSTCHECK;
+
+/* Durable: flag gid for manual review in recovery_state (recovery never
+ * settles a flagged gid by itself). cb gets ST_OK once it is flushed. */
+int store_flag_review(store_chan ch, const char *gid, const char *payment_id, const char *why,
+                      void (*cb)(st_status st, void *), void *arg) PC_MUSTCHECK;
+
+/* Recovery's bookkeeping (asynchronous, best effort): attempts and last
+ * error of a gid; forget drops it unless it is flagged for review. */
+void store_note_attempt(const char *gid, const char *payment_id, int attempts, const char *why);
+void store_forget(const char *gid);
+
+/* The processor's own reference of a payment, as soon as any answer carries
+ * it (asynchronous; not blocked by the prepared debit). */
+void store_save_processor_ref(const char *payment_id, const char *processor_ref);
+
+/* ------------------------------------------------------------ reads */
+
+typedef struct store_payment_row {
+    const char *payment_id, *key, *gid, *account, *currency;
+    const char *reference;         /* NULL: none */
+    const char *status;            /* derived */
+    const char *processor_ref;     /* NULL: none */
+    const char *decline_code;      /* NULL: none */
+    const char *created_at, *updated_at;    /* ISO-8601 UTC */
+    int64_t amount;
+} store_payment_row;
+
+typedef struct store_lookup {
+    st_status st;
+    const char *errmsg;
+    bool found;
+    store_payment_row row;
+} store_lookup;
+
+int store_payment_by_key(const char *key, void (*cb)(const store_lookup *, void *), void *arg) PC_MUSTCHECK;
+int store_payment_by_id(const char *payment_id, void (*cb)(const store_lookup *, void *), void *arg) PC_MUSTCHECK;
+
+typedef struct store_balance_row {
+    st_status st;
+    const char *errmsg;
+    bool found;
+    const char *currency;
+    int64_t balance, held, pending_credits;
+} store_balance_row;
+
+int store_balance(const char *account, void (*cb)(const store_balance_row *, void *), void *arg) PC_MUSTCHECK;
+
+typedef struct store_opened {
+    st_status st;
+    const char *errmsg;
+    bool created;                  /* false: the account exists */
+} store_opened;
+
+int store_account_open(const char *account, const char *currency, void (*cb)(const store_opened *, void *), void *arg)
+    PC_MUSTCHECK;
+
+/* ------------------------------------------------------------ credits */
+
+typedef enum {
+    CR_APPLIED = 0, CR_ACCEPTED, CR_DUPLICATE_KEY, CR_UNKNOWN_ACCOUNT, CR_CURRENCY_MISMATCH,
+    CR_ERROR, CR_LOST, CR_NOT_SENT, CR_SHUTDOWN
+} cr_outcome;
+
+typedef struct store_credit_res {
+    cr_outcome outcome;
+    const char *created_at;
+    const char *errmsg;
+} store_credit_res;
+
+typedef struct store_credit_req {
+    const char *credit_id, *key, *account, *currency, *reference;
+    int64_t amount;
+    bool apply;                    /* apply at once if the account row is free */
+} store_credit_req;
+
+/* Durable: the credit row, applied in the same transaction when asked and the account row is free. */
+int store_credit(const store_credit_req *c, void (*cb)(const store_credit_res *, void *), void *arg) PC_MUSTCHECK;
+
+typedef struct store_credit_row {
+    st_status st;
+    const char *errmsg;
+    bool found;
+    const char *credit_id, *account, *currency, *status, *created_at;
+    int64_t amount;
+} store_credit_row;
+
+int store_credit_by_key(const char *key, void (*cb)(const store_credit_row *, void *), void *arg) PC_MUSTCHECK;
+
+/* Apply an account's accepted credits if its row lock is free. applied: how
+ * many; -1 when the row is locked (a prepared debit holds it). */
+int store_apply_credits(store_chan ch, const char *account, void (*cb)(st_status st, int applied, void *), void *arg)
+    PC_MUSTCHECK;
+/* Every account with accepted credits (recovery, after a pass). Best effort. */
+void store_apply_all_credits(void);
+
+/* ------------------------------------------------------------ server facts */
+
+int store_max_prepared(void (*cb)(st_status st, int value, void *), void *arg) PC_MUSTCHECK;
+
+/* Prepared transactions of a node in the database and the oldest one's age. */
+int store_prepared_count(const char *node, void (*cb)(st_status st, int count, double oldest_s, void *), void *arg)
+    PC_MUSTCHECK;
+
+/* ------------------------------------------------------------ node lock */
+
+/* The node lock lives on a session of its own for the daemon's whole life.
+ * lost_cb fires when that session breaks (the lock is gone with it). */
+void store_set_lock_cb(void (*up_cb)(bool up));
+bool store_lock_session_up(void);
+int store_node_lock(const char *node, void (*cb)(st_status st, bool got, void *), void *arg) PC_MUSTCHECK;
+int store_node_unlock(const char *node);
+/* Is node's lock held by a live session (anyone's)? */
+int store_node_alive(store_chan ch, const char *node, void (*cb)(st_status st, bool alive, void *), void *arg)
+    PC_MUSTCHECK;
+
+/* ------------------------------------------------------------ recovery */
+
+typedef struct store_rec_item {
+    const char *gid;
+    const char *payment_id;        /* "" when there is no row */
+    const char *row_status;        /* "" when there is no row */
+    bool prepared;                 /* a prepared transaction exists */
+    bool debited;                  /* a committed ledger debit exists */
+    bool review;                   /* flagged for review */
+    bool past_deadline;
+    int64_t age_ms;                /* since PREPARE (or the row's creation) */
+    int attempts;                  /* recorded attempts */
+} store_rec_item;
+
+typedef struct store_rec_list {
+    st_status st;
+    const char *errmsg;
+    int n;
+    const store_rec_item *items;
+} store_rec_list;
+
+/* Everything of node's that may need settling: every prepared transaction
+ * (review ones included, for counting), 'pending' rows without one, and rows
+ * whose committed debit has not been recorded as 'succeeded'. */
+int store_rec_list_node(const char *node, void (*cb)(const store_rec_list *, void *), void *arg) PC_MUSTCHECK;
+
+/* A committed debit whose row still says pending: record 'succeeded' (durable). */
+int store_rec_mark_succeeded(const char *payment_id, const char *processor_ref, void (*cb)(st_status st, void *),
+                             void *arg) PC_MUSTCHECK;
+
+/* ------------------------------------------------------------ admin */
+
+typedef struct store_prepared_row {
+    const char *gid, *payment_id, *account, *currency, *prepared_at, *node, *last_error;  /* NULL: none */
+    int64_t amount, age_ms;
+    bool has_amount;
+    int attempts;
+    bool review;
+} store_prepared_row;
+
+typedef struct store_prepared_list {
+    st_status st;
+    const char *errmsg;
+    int n;
+    const store_prepared_row *rows;
+} store_prepared_list;
+
+int store_prepared_list_all(int64_t older_than_ms, void (*cb)(const store_prepared_list *, void *), void *arg)
+    PC_MUSTCHECK;
+
+/* Durable: the audit row of a resolve, written before the action (outcome 'requested'). */
+int store_resolve_begin(const char *gid, bool commit, const char *reason, unsigned uid, const char *node,
+                        void (*cb)(st_status st, int64_t resolution_id, void *), void *arg) PC_MUSTCHECK;
+/* Durable: the audit row's outcome; when settled, the review flag cleared and
+ * (rollback) the payment recorded 'declined' with decline_code resolved_manually. */
+int store_resolve_end(int64_t resolution_id, const char *gid, const char *outcome, bool settled, bool rolled_back,
+                      void (*cb)(st_status st, void *), void *arg) PC_MUSTCHECK;
+
+#endif

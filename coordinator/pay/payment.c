@@ -1,0 +1,1353 @@
+/*
+ * payment.c - the payment state machine: two-phase commit across PostgreSQL
+ * and the payment processor (docs/architecture.md).
+ *
+ * Lifecycle of one payment, with its crash windows. "Told" is what its
+ * clients may hear at that point; nothing is ever told before it is durable.
+ *
+ *  1. QUEUED    Waits for its account (account.c). Nothing written.
+ *               Crash: nothing happened. Told: nothing (overloaded on timeout).
+ *  2. PHASE1    One round trip: the intent row (asynchronous commit), then
+ *               BEGIN; conditional debit + ledger row; PREPARE TRANSACTION gid
+ *               (the 1st synchronous WAL flush, which also makes the intent
+ *               durable). Insufficient funds: nothing prepared -> SETTLE.
+ *               The key already stored -> LOOKUP. Crash before PREPARE: a
+ *               'pending' row without a debit, settled by recovery as declined.
+ *  3. FENCE     The connection broke with phase 1 in the air. Before reading
+ *               what happened, the old session is made sure gone (terminated
+ *               if needed), so a late PREPARE cannot land after the answer.
+ *               No row: nothing durable, told `unavailable`. A row without a
+ *               debit: debit again. Prepared: go on.
+ *  4. CREATE    Durable from here: waiting clients' wait_ms timers run and may
+ *               tell them 'pending'. The processor is asked to charge with the
+ *               gid as idempotency key. Crash: the debit stays prepared;
+ *               recovery asks the processor by gid.
+ *  5. POLL /    Unknown or pending answers: ask by gid until final or the
+ *     CANCEL    deadline, then cancel by gid (a tombstone: a late create with
+ *               the gid charges nothing). An answer that is not proof (a 4xx
+ *               after an unknown outcome, a 404 after a lost create) is never
+ *               taken as a decline.
+ *  6. COMMIT /  COMMIT PREPARED or ROLLBACK PREPARED (2nd and last synchronous
+ *     ROLLBACK  flush of a successful payment). Succeeded is told as soon as
+ *               COMMIT PREPARED returns: the committed ledger debit is what
+ *               makes the status 'succeeded'. A declined payment's status is
+ *               written (SETTLE, synchronously) before it is told.
+ *               "Prepared transaction does not exist" -> CHECK.
+ *  7. CHECK     Read the facts (row, committed debit) and compare them with
+ *               the decision; a mismatch (someone else settled it the other
+ *               way, or PostgreSQL lost the write) is alerted, flagged for
+ *               review (FLAG) and the account released, never retried forever.
+ *  8. SETTLE    The durable final status of a payment without a prepared
+ *               debit (insufficient_funds, declined after ROLLBACK PREPARED,
+ *               account_locked), written before it is told.
+ *  9. RECORD    Succeeded: the row's status and processor_ref are written in
+ *               a batch (asynchronously); until then replays are answered from
+ *               memory, so a replay gets exactly the first answer.
+ * 10. HANDOFF   A processor that cannot cancel by key (501), or a conflict
+ *               (409, manual review: the flag is made durable first): the
+ *               payment leaves memory with its debit prepared; recovery owns
+ *               the gid from then on. Told: 'pending'.
+ *
+ * Every state that waits for something has the payment's one timer armed or
+ * a callback outstanding: no payment stays in memory without something that
+ * moves it on. pay_set_state() is the only writer of a payment's state and of
+ * every counter derived from states (one list per state).
+ */
+#include "payment.h"
+#include "account.h"
+#include "backoff.h"
+#include "circuit.h"
+#include "ctx.h"
+#include "failpoint.h"
+#include "gid.h"
+#include "log.h"
+#include "loop.h"
+#include "nodelock.h"
+#include "owner.h"
+#include "proc.h"
+#include "recovery.h"
+#include "strmap.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef enum {
+    PS_NEW = 0, PS_QUEUED, PS_PHASE1, PS_FENCE, PS_LOOKUP, PS_CREATE, PS_POLL, PS_CANCEL, PS_COMMIT,
+    PS_ROLLBACK, PS_CHECK, PS_SETTLE, PS_RECORD, PS_HANDOFF, PS_FLAG, PS_DONE, PS__COUNT
+} pay_state;
+
+static const struct {
+    const char *name;
+    bool debit;                      /* a prepared debit is held in this state */
+} state_info[PS__COUNT] = {
+    [PS_NEW] = { "new", false },       [PS_QUEUED] = { "queued", false },   [PS_PHASE1] = { "phase1", false },
+    [PS_FENCE] = { "fence", false },   [PS_LOOKUP] = { "lookup", false },   [PS_CREATE] = { "create", true },
+    [PS_POLL] = { "poll", true },      [PS_CANCEL] = { "cancel", true },    [PS_COMMIT] = { "commit", true },
+    [PS_ROLLBACK] = { "rollback", true }, [PS_CHECK] = { "check", false }, [PS_SETTLE] = { "settle", false },
+    [PS_RECORD] = { "record", false }, [PS_HANDOFF] = { "handoff", true }, [PS_FLAG] = { "flag", false },
+    [PS_DONE] = { "done", false },
+};
+
+typedef enum { DEC_NONE = 0, DEC_COMMIT, DEC_ROLLBACK } decision;
+
+typedef struct payment payment;
+
+/* One client request waiting for this payment's answer. */
+typedef struct waiter {
+    pc_list link;
+    payment *p;
+    pc_request *r;
+    loop_timer timer;                /* wait_ms; armed once the payment is durable */
+    bool replayed;
+} waiter;
+
+struct payment {
+    pc_list state_link;              /* by_state[state] */
+    acct_slot slot;
+    account *acct;
+    char payment_id[UUID_TEXT_LEN + 1];
+    char gid[GID_OURS_MAX + 1];
+    char key[PROTO_KEY_MAX + 1];
+    char account[PROTO_ACCOUNT_MAX + 1];
+    char currency[4];
+    int64_t amount;
+    char *reference;
+    cJSON *metadata;
+
+    pay_state state;
+    const char *status;              /* as told: "pending" until final */
+    char processor_ref[128];
+    char decline_code[64];
+    char settle_status[24];          /* SETTLE: what is being written */
+    char why[160];                   /* HANDOFF/FLAG: the reason recorded */
+    char fence[64];                  /* FENCE: the lost session's token */
+    int64_t created_wall_ms, updated_wall_ms;
+    uint64_t started_ms, prepared_ms;
+
+    bool intent_written;             /* the intent row is committed (maybe asynchronously) */
+    bool durable;                    /* the row is known to be this payment's, and durable */
+    bool final;                      /* the final status is durable and told */
+    bool unknown_seen;               /* some processor answer left the outcome unknown */
+    bool review;                     /* HANDOFF: flag for review first */
+    decision dec;
+    int attempts;                    /* of the current step */
+    loop_timer timer;
+    void (*on_timer)(payment *p);
+    pc_list waiters;
+};
+
+static strmap *by_key;               /* idempotency key -> payment in memory */
+static strmap *by_id;                /* payment_id -> payment in memory */
+static pc_list by_state[PS__COUNT];
+static int nstate[PS__COUNT];
+static int in_flight, prepared;
+
+static void start_phase1(payment *p);
+static void start_create(payment *p);
+static void start_poll(payment *p, int delay_ms);
+static void start_cancel(payment *p);
+static void start_finish(payment *p);
+static void start_check(payment *p);
+static void start_settle(payment *p, const char *status, const char *decline_code);
+static void start_fence(payment *p);
+static void start_lookup(payment *p);
+static void start_handoff(payment *p, bool review, const char *why);
+static void start_flag(payment *p, const char *why);
+static void payment_done(payment *p);
+
+int pay_in_flight(void) { return in_flight; }
+int pay_prepared(void) { return prepared; }
+
+/* ---------------------------------------------------------------- state */
+
+static void pay_set_state(payment *p, pay_state s)
+{
+    if (p->state == s)
+        return;
+    log_debug("payment gid=%s key=%s state=%s->%s", p->gid, p->key, state_info[p->state].name, state_info[s].name);
+    if (state_info[p->state].debit)
+        prepared--;
+    if (state_info[s].debit)
+        prepared++;
+    if (p->state == PS_NEW)
+        in_flight++;
+    if (s == PS_DONE)
+        in_flight--;
+    list_unlink(&p->state_link);
+    nstate[p->state]--;
+    p->state = s;
+    list_push_tail(&by_state[s], &p->state_link);
+    nstate[s]++;
+}
+
+static void timer_cb(void *arg)
+{
+    payment *p = arg;
+    void (*fn)(payment *) = p->on_timer;
+    p->on_timer = NULL;
+    fn(p);
+}
+
+/* Run fn(p) after ms. The payment's one timer: whatever it waits for next. */
+static void after(payment *p, int ms, void (*fn)(payment *))
+{
+    p->on_timer = fn;
+    loop_timer_start(&p->timer, ms);
+}
+
+/* Try step fn again after a backoff: base doubles per attempt up to cap. */
+static void retry(payment *p, int base, int cap, void (*fn)(payment *))
+{
+    after(p, backoff_ms(base, p->attempts++, cap), fn);
+}
+
+static bool past_deadline(const payment *p)
+{
+    uint64_t since = p->prepared_ms ? p->prepared_ms : p->started_ms;
+    return loop_now_ms() >= since + (uint64_t)D->cfg.payment_deadline_ms;
+}
+
+static void fill_store_pay(const payment *p, store_pay *sp)
+{
+    *sp = (store_pay){ .payment_id = p->payment_id, .gid = p->gid, .key = p->key, .account = p->account,
+                       .currency = p->currency, .reference = p->reference, .metadata = p->metadata,
+                       .node = D->cfg.node_id, .amount = p->amount, .deadline_ms = D->cfg.payment_deadline_ms,
+                       .created_ms = p->created_wall_ms, .updated_ms = p->updated_wall_ms };
+}
+
+static void fill_proc_req(const payment *p, proc_req *pr)
+{
+    *pr = (proc_req){ .gid = p->gid, .payment_id = p->payment_id,
+                      .processor_ref = p->processor_ref[0] ? p->processor_ref : NULL, .amount = p->amount,
+                      .currency = p->currency, .account = p->account, .reference = p->reference,
+                      .metadata = p->metadata };
+}
+
+/* ---------------------------------------------------------------- answers */
+
+static cJSON *payment_json(const payment *p, bool replayed)
+{
+    cJSON *o = cJSON_CreateObject();
+    if (!o)
+        return NULL;
+    char t1[32], t2[32];
+    loop_format_time(p->created_wall_ms, t1);
+    loop_format_time(p->updated_wall_ms, t2);
+    cJSON_AddStringToObject(o, "payment_id", p->payment_id);
+    cJSON_AddStringToObject(o, "idempotency_key", p->key);
+    cJSON_AddStringToObject(o, "gid", p->gid);
+    cJSON_AddStringToObject(o, "account", p->account);
+    cJSON_AddItemToObject(o, "amount", proto_json_int(p->amount));
+    cJSON_AddStringToObject(o, "currency", p->currency);
+    if (p->reference)
+        cJSON_AddStringToObject(o, "reference", p->reference);
+    else
+        cJSON_AddNullToObject(o, "reference");
+    cJSON_AddStringToObject(o, "status", p->status);
+    if (p->processor_ref[0])
+        cJSON_AddStringToObject(o, "processor_ref", p->processor_ref);
+    else
+        cJSON_AddNullToObject(o, "processor_ref");
+    if (p->decline_code[0] && !strcmp(p->status, "declined"))
+        cJSON_AddStringToObject(o, "decline_code", p->decline_code);
+    else
+        cJSON_AddNullToObject(o, "decline_code");
+    cJSON_AddStringToObject(o, "created_at", t1);
+    cJSON_AddStringToObject(o, "updated_at", t2);
+    if (replayed)
+        cJSON_AddBoolToObject(o, "replayed", true);
+    return o;
+}
+
+cJSON *pay_row_json(const store_payment_row *row, bool replayed)
+{
+    cJSON *o = cJSON_CreateObject();
+    if (!o)
+        return NULL;
+    cJSON_AddStringToObject(o, "payment_id", row->payment_id);
+    cJSON_AddStringToObject(o, "idempotency_key", row->key);
+    cJSON_AddStringToObject(o, "gid", row->gid);
+    cJSON_AddStringToObject(o, "account", row->account);
+    cJSON_AddItemToObject(o, "amount", proto_json_int(row->amount));
+    cJSON_AddStringToObject(o, "currency", row->currency);
+    if (row->reference)
+        cJSON_AddStringToObject(o, "reference", row->reference);
+    else
+        cJSON_AddNullToObject(o, "reference");
+    cJSON_AddStringToObject(o, "status", row->status);
+    if (row->processor_ref)
+        cJSON_AddStringToObject(o, "processor_ref", row->processor_ref);
+    else
+        cJSON_AddNullToObject(o, "processor_ref");
+    if (row->decline_code && !strcmp(row->status, "declined"))
+        cJSON_AddStringToObject(o, "decline_code", row->decline_code);
+    else
+        cJSON_AddNullToObject(o, "decline_code");
+    cJSON_AddStringToObject(o, "created_at", row->created_at);
+    cJSON_AddStringToObject(o, "updated_at", row->updated_at);
+    if (replayed)
+        cJSON_AddBoolToObject(o, "replayed", true);
+    return o;
+}
+
+cJSON *pay_memory_json(const char *key, const char *payment_id)
+{
+    payment *p = key ? strmap_get(by_key, key) : strmap_get(by_id, payment_id);
+    return p && p->durable ? payment_json(p, false) : NULL;
+}
+
+static bool same_request(const payment *p, const proto_request *q)
+{
+    return !strcmp(p->account, q->account) && p->amount == q->amount && !strcmp(p->currency, q->currency);
+}
+
+static void waiter_free(waiter *w)
+{
+    list_unlink(&w->link);
+    loop_timer_deinit(&w->timer);
+    free(w);
+}
+
+/* wait_ms ran out: tell this client 'pending'; the payment goes on. */
+static void waiter_timeout_cb(void *arg)
+{
+    waiter *w = arg;
+    payment *p = w->p;
+    D->stats.payments_left_pending++;
+    log_info("payment gid=%s key=%s event=answered_pending state=%s", p->gid, p->key, state_info[p->state].name);
+    pc_request *r = w->r;
+    bool replayed = w->replayed;
+    waiter_free(w);
+    req_reply_ok(r, payment_json(p, replayed));
+}
+
+static void waiter_arm(waiter *w)
+{
+    int64_t ms = w->r->req.has_wait_ms ? w->r->req.wait_ms : D->cfg.pay_wait_ms;
+    if (!loop_timer_pending(&w->timer))
+        loop_timer_start(&w->timer, ms);
+}
+
+static int add_waiter(payment *p, pc_request *r, bool replayed)
+{
+    waiter *w = calloc(1, sizeof(*w));
+    if (!w || loop_timer_init(&w->timer, waiter_timeout_cb, w) != 0) {
+        free(w);
+        return -1;
+    }
+    w->p = p;
+    w->r = r;
+    w->replayed = replayed;
+    list_push_tail(&p->waiters, &w->link);
+    if (p->durable)
+        waiter_arm(w);
+    return 0;
+}
+
+/* The payment is durable: its clients may be told 'pending' from now on, and
+ * requests that reused its key with other parameters are refused (each is
+ * judged by its own parameters against this, the stored payment). */
+static void became_durable(payment *p)
+{
+    p->durable = true;
+    pc_list *it, *tmp;
+    list_each_safe(&p->waiters, it, tmp) {
+        waiter *w = list_entry(it, waiter, link);
+        if (!same_request(p, &w->r->req)) {
+            pc_request *r = w->r;
+            waiter_free(w);
+            req_reply_err(r, PROTO_ERR_IDEMPOTENCY_CONFLICT,
+                          "idempotency key %s is in use with another account, amount or currency", p->key);
+            continue;
+        }
+        waiter_arm(w);
+    }
+}
+
+static void answer_all(payment *p)
+{
+    pc_list *n;
+    while ((n = list_pop_head(&p->waiters))) {
+        waiter *w = list_entry(n, waiter, link);
+        pc_request *r = w->r;
+        bool replayed = w->replayed;
+        list_init(&w->link);
+        waiter_free(w);
+        req_reply_ok(r, payment_json(p, replayed));
+    }
+}
+
+/* The final status is durable: tell every client. */
+static void payment_final(payment *p, const char *status)
+{
+    p->status = status;
+    p->final = true;
+    if (!strcmp(status, "succeeded"))
+        D->stats.payments_succeeded++;
+    else if (!strcmp(status, "declined"))
+        D->stats.payments_declined++;
+    else if (!strcmp(status, "insufficient_funds"))
+        D->stats.payments_insufficient++;
+    log_info("payment gid=%s key=%s account=%s amount=%lld currency=%s event=final status=%s processor_ref=%s "
+             "decline_code=%s ms=%llu", p->gid, p->key, p->account, (long long)p->amount, p->currency, status,
+             p->processor_ref[0] ? p->processor_ref : "-", p->decline_code[0] ? p->decline_code : "-",
+             (unsigned long long)(loop_now_ms() - p->started_ms));
+    answer_all(p);
+}
+
+/* A request to dispatch again from the loop (see end_refused). */
+typedef struct redispatch {
+    pc_list link;                    /* redispatches */
+    loop_timer t;
+    pc_request *r;
+} redispatch;
+
+static pc_list redispatches;
+
+static void redispatch_cb(void *arg);
+
+/* The payment ends without its row being the key's stored payment (nothing
+ * was written, or the key belongs to an earlier payment): clients that asked
+ * with this payment's parameters get code/msg; clients that reused the key
+ * with other parameters were never judged, and are dispatched again as new
+ * requests once this payment has left memory. */
+static void end_refused(payment *p, proto_err code, const char *msg)
+{
+    pc_list *it, *tmp;
+    list_each_safe(&p->waiters, it, tmp) {
+        waiter *w = list_entry(it, waiter, link);
+        pc_request *r = w->r;
+        bool same = same_request(p, &r->req);
+        waiter_free(w);
+        if (same) {
+            req_reply_err(r, code, "%s", msg);
+        } else {
+            /* Dispatch from the loop, after this payment has left the maps. */
+            redispatch *rd = calloc(1, sizeof(*rd));
+            if (!rd || loop_timer_init(&rd->t, redispatch_cb, rd) != 0) {
+                free(rd);
+                req_reply_err(r, PROTO_ERR_INTERNAL, "out of memory; nothing was charged");
+                continue;
+            }
+            rd->r = r;
+            list_push_tail(&redispatches, &rd->link);
+            loop_timer_start(&rd->t, 0);
+        }
+    }
+    payment_done(p);
+}
+
+static void redispatch_cb(void *arg)
+{
+    redispatch *rd = arg;
+    pc_request *r = rd->r;
+    list_unlink(&rd->link);
+    loop_timer_deinit(&rd->t);
+    free(rd);
+    pay_handle_pay(r);
+}
+
+/* ---------------------------------------------------------------- lifecycle */
+
+static void slot_start(acct_slot *s);
+
+static payment *payment_new(const proto_request *q)
+{
+    payment *p = calloc(1, sizeof(*p));
+    if (!p)
+        return NULL;
+    list_init(&p->state_link);
+    list_init(&p->waiters);
+    list_init(&p->slot.link);
+    p->slot.start = slot_start;
+    gid_new_uuid(p->payment_id);
+    if (gid_make(D->cfg.node_id, p->payment_id, p->gid, sizeof(p->gid)) != 0)
+        goto fail_early;
+    memcpy(p->key, q->idempotency_key, sizeof(p->key));
+    memcpy(p->account, q->account, sizeof(p->account));
+    memcpy(p->currency, q->currency, sizeof(p->currency));
+    p->amount = q->amount;
+    p->status = "pending";
+    p->created_wall_ms = p->updated_wall_ms = loop_wall_ms();
+    p->started_ms = loop_now_ms();
+    if ((q->reference && !(p->reference = strdup(q->reference))) ||
+        (q->metadata && !(p->metadata = cJSON_Duplicate(q->metadata, true))))
+        goto fail_early;
+    if (loop_timer_init(&p->timer, timer_cb, p) != 0)
+        goto fail_early;
+    if (owner_claim(p->gid, OWNER_PAYMENT) != 0)
+        goto fail_timer;
+    if (strmap_put(by_key, p->key, p) != 0)
+        goto fail_owner;
+    if (strmap_put(by_id, p->payment_id, p) != 0) {
+        strmap_del(by_key, p->key);
+        goto fail_owner;
+    }
+    list_push_tail(&by_state[PS_NEW], &p->state_link);
+    nstate[PS_NEW]++;
+    return p;
+fail_owner:
+    owner_release(p->gid, OWNER_PAYMENT);
+fail_timer:
+    loop_timer_deinit(&p->timer);
+fail_early:
+    free(p->reference);
+    cJSON_Delete(p->metadata);
+    free(p);
+    return NULL;
+}
+
+static void payment_free(payment *p)
+{
+    loop_timer_deinit(&p->timer);
+    free(p->reference);
+    cJSON_Delete(p->metadata);
+    free(p);
+}
+
+/* The account's row is free of this payment's debit (committed, rolled back,
+ * or never made): the next payment or credit on it may go. */
+static void release_account(payment *p)
+{
+    if (p->acct) {
+        account *a = p->acct;
+        p->acct = NULL;
+        account_leave(a, &p->slot);
+    }
+}
+
+/* The payment leaves memory. Waiters left are told the payment as it stands
+ * (only reached with waiters when it is durable). */
+static void payment_done(payment *p)
+{
+    if (!list_empty(&p->waiters))
+        answer_all(p);
+    pay_set_state(p, PS_DONE);
+    list_unlink(&p->state_link);
+    nstate[PS_DONE]--;
+    strmap_del(by_key, p->key);
+    strmap_del(by_id, p->payment_id);
+    owner_release(p->gid, OWNER_PAYMENT);
+    release_account(p);
+    payment_free(p);
+}
+
+/* ---------------------------------------------------------------- queue */
+
+static void queue_timeout(payment *p)
+{
+    log_warn("payment gid=%s key=%s account=%s event=queue_timeout queued_ms=%d", p->gid, p->key, p->account,
+             D->cfg.queue_timeout_ms);
+    end_refused(p, PROTO_ERR_OVERLOADED,
+                "account busy: the payment waited too long behind others on its account; nothing was charged");
+}
+
+/* The account is this payment's now. */
+static void slot_start(acct_slot *s)
+{
+    payment *p = list_entry(s, payment, slot);
+    loop_timer_stop(&p->timer);      /* the queue timeout no longer applies */
+    p->on_timer = NULL;
+    start_phase1(p);
+}
+
+/* ---------------------------------------------------------------- phase 1 */
+
+static void phase1_cb(const store_p1 *res, void *arg);
+
+static void start_phase1(payment *p)
+{
+    pay_set_state(p, PS_PHASE1);
+    FAILPOINT("before_debit", p->key);
+    store_pay sp;
+    fill_store_pay(p, &sp);
+    int rc = store_phase1(&sp, !p->intent_written, phase1_cb, p);
+    if (rc == STORE_QUEUED)
+        return;
+    if (!p->intent_written) {
+        end_refused(p, rc == STORE_UNAVAILABLE ? PROTO_ERR_UNAVAILABLE : PROTO_ERR_OVERLOADED,
+                    rc == STORE_UNAVAILABLE ? "database unavailable; nothing was charged"
+                                            : "database queue full; nothing was charged");
+        return;
+    }
+    retry(p, 100, 2000, start_phase1);      /* the row exists without a debit: debit again shortly */
+}
+
+/* The debit could not be made for now. Retry until queue_timeout_ms, then
+ * decline without ever contacting the processor. */
+static void debit_later(payment *p, const store_p1 *res)
+{
+    if (loop_now_ms() - p->started_ms >= (uint64_t)D->cfg.queue_timeout_ms) {
+        log_warn("payment gid=%s key=%s account=%s event=debit_gave_up sqlstate=%s error=\"%s\"", p->gid, p->key,
+                 p->account, res->sqlstate, res->errmsg);
+        if (p->intent_written)
+            start_settle(p, "declined", "account_locked");
+        else
+            end_refused(p, PROTO_ERR_OVERLOADED, "the payment could not be recorded in time; nothing was charged");
+        return;
+    }
+    log_info("payment gid=%s key=%s event=debit_retry sqlstate=%s error=\"%s\"", p->gid, p->key, res->sqlstate,
+             res->errmsg);
+    retry(p, 50, 1000, start_phase1);
+}
+
+static void prepared_now(payment *p)
+{
+    p->intent_written = true;
+    p->prepared_ms = loop_now_ms();
+    p->attempts = 0;
+    became_durable(p);
+    log_info("payment gid=%s key=%s account=%s amount=%lld currency=%s event=prepared", p->gid, p->key, p->account,
+             (long long)p->amount, p->currency);
+    FAILPOINT("after_prepare", p->key);
+    start_create(p);
+}
+
+static void phase1_cb(const store_p1 *res, void *arg)
+{
+    payment *p = arg;
+    if (res->intent_written)
+        p->intent_written = true;
+    switch (res->outcome) {
+    case P1_PREPARED:
+        prepared_now(p);
+        return;
+    case P1_NSF:
+        log_info("payment gid=%s key=%s account=%s amount=%lld event=insufficient_funds", p->gid, p->key,
+                 p->account, (long long)p->amount);
+        became_durable(p);
+        start_settle(p, "insufficient_funds", NULL);
+        return;
+    case P1_UNKNOWN_ACCOUNT:
+        end_refused(p, PROTO_ERR_UNKNOWN_ACCOUNT, "unknown account");
+        return;
+    case P1_CURRENCY_MISMATCH:
+        end_refused(p, PROTO_ERR_CURRENCY_MISMATCH, res->errmsg);
+        return;
+    case P1_DUPLICATE_KEY:
+        start_lookup(p);
+        return;
+    case P1_RETRY:
+        debit_later(p, res);
+        return;
+    case P1_FAILED:
+        log_error("payment gid=%s key=%s event=intent_failed sqlstate=%s error=\"%s\"", p->gid, p->key, res->sqlstate,
+                  res->errmsg);
+        end_refused(p, PROTO_ERR_INTERNAL, "the payment could not be recorded; nothing was charged");
+        return;
+    case P1_NOT_SENT:
+        if (!p->intent_written)
+            end_refused(p, PROTO_ERR_UNAVAILABLE, "database unavailable; nothing was charged");
+        else
+            retry(p, 100, 2000, start_phase1);
+        return;
+    case P1_LOST:
+        snprintf(p->fence, sizeof(p->fence), "%s", res->fence ? res->fence : "");
+        p->attempts = 0;
+        start_fence(p);
+        return;
+    case P1_SHUTDOWN:
+        /* Whatever happened, the processor was never asked: recovery settles
+         * a prepared debit as declined. */
+        end_refused(p, PROTO_ERR_SHUTTING_DOWN, "the daemon is shutting down; nothing was charged");
+        return;
+    }
+}
+
+/* ---------------------------------------------------------------- fence */
+
+static void fence_cb(const store_facts *f, void *arg);
+
+static void start_fence(payment *p)
+{
+    pay_set_state(p, PS_FENCE);
+    if (store_get_facts(CH_PAY, p->payment_id, p->gid, p->fence[0] ? p->fence : NULL, fence_cb, p) != STORE_QUEUED)
+        retry(p, 200, 5000, start_fence);
+}
+
+static void fence_cb(const store_facts *f, void *arg)
+{
+    payment *p = arg;
+    if (f->st != ST_OK || !f->fenced) {
+        if (f->st == ST_SHUTDOWN) {
+            end_refused(p, PROTO_ERR_SHUTTING_DOWN, "the daemon is shutting down; nothing was charged");
+            return;
+        }
+        log_info("payment gid=%s key=%s event=fence_wait fenced=%d error=\"%s\"", p->gid, p->key, f->fenced,
+                 f->errmsg ? f->errmsg : "");
+        retry(p, 200, 5000, start_fence);
+        return;
+    }
+    p->attempts = 0;
+    log_info("payment gid=%s key=%s event=fence row=%d status=%s prepared=%d debited=%d", p->gid, p->key, f->row,
+             f->status, f->prepared, f->debited);
+    if (!f->row) {
+        /* The old session is gone and left no row: nothing is durable, and
+         * the processor was never asked. */
+        end_refused(p, PROTO_ERR_UNAVAILABLE, "database connection lost; nothing was charged");
+        return;
+    }
+    p->intent_written = true;
+    if (f->prepared) {
+        prepared_now(p);
+        return;
+    }
+    became_durable(p);
+    if (f->debited || strcmp(f->status, "pending") != 0) {
+        /* Settled already, which no one but this payment could have done
+         * before the processor was asked: an anomaly. Never guess. */
+        log_error("payment gid=%s key=%s event=fence_anomaly status=%s debited=%d alert=review", p->gid, p->key,
+                  f->status, f->debited);
+        D->stats.alerts++;
+        start_flag(p, "phase 1 found settled before the processor was asked");
+        return;
+    }
+    start_phase1(p);                 /* the row without a debit: debit again */
+}
+
+/* ---------------------------------------------------------------- lookup */
+
+static void lookup_cb(const store_lookup *res, void *arg);
+
+static void start_lookup(payment *p)
+{
+    pay_set_state(p, PS_LOOKUP);
+    if (store_payment_by_key(p->key, lookup_cb, p) != STORE_QUEUED)
+        end_refused(p, PROTO_ERR_UNAVAILABLE, "database unavailable; nothing new was charged");
+}
+
+/* The key belongs to a stored payment: every client is answered from that
+ * row, each judged by its own parameters. This payment was never stored. */
+static void lookup_cb(const store_lookup *res, void *arg)
+{
+    payment *p = arg;
+    if (res->st != ST_OK || !res->found) {
+        end_refused(p, PROTO_ERR_UNAVAILABLE,
+                    "could not read the stored payment for this key; nothing new was charged: retry");
+        return;
+    }
+    const store_payment_row *row = &res->row;
+    pc_list *n;
+    while ((n = list_pop_head(&p->waiters))) {
+        waiter *w = list_entry(n, waiter, link);
+        pc_request *r = w->r;
+        list_init(&w->link);
+        waiter_free(w);
+        const proto_request *q = &r->req;
+        if (!strcmp(row->account, q->account) && row->amount == q->amount && !strcmp(row->currency, q->currency)) {
+            D->stats.replays++;
+            req_reply_ok(r, pay_row_json(row, true));
+        } else {
+            req_reply_err(r, PROTO_ERR_IDEMPOTENCY_CONFLICT,
+                          "idempotency key %s was used with another account, amount or currency", p->key);
+        }
+    }
+    payment_done(p);
+}
+
+/* ---------------------------------------------------------------- processor */
+
+static void create_cb(const proc_result *res, void *arg);
+static void poll_cb(const proc_result *res, void *arg);
+static void cancel_cb(const proc_result *res, void *arg);
+
+static void note_ref(payment *p, const proc_result *res)
+{
+    if (res->id[0] && strcmp(res->id, p->processor_ref) != 0) {
+        snprintf(p->processor_ref, sizeof(p->processor_ref), "%s", res->id);
+        store_save_processor_ref(p->payment_id, p->processor_ref);
+    }
+}
+
+static void decide(payment *p, decision dec, const char *decline_code)
+{
+    p->dec = dec;
+    p->attempts = 0;
+    if (decline_code && decline_code[0])
+        snprintf(p->decline_code, sizeof(p->decline_code), "%s", decline_code);
+    log_debug("payment gid=%s key=%s event=decision action=%s decline_code=%s processor_ref=%s", p->gid, p->key,
+              dec == DEC_COMMIT ? "commit" : "rollback", p->decline_code[0] ? p->decline_code : "-",
+              p->processor_ref[0] ? p->processor_ref : "-");
+    FAILPOINT("after_answer", p->key);
+    start_finish(p);
+}
+
+/* The processor's payment state decides, or says to keep polling. */
+static bool decide_from(payment *p, const proc_result *res)
+{
+    switch (res->status) {
+    case PROC_ST_SUCCEEDED:
+        decide(p, DEC_COMMIT, NULL);
+        return true;
+    case PROC_ST_DECLINED:
+    case PROC_ST_CANCELED:
+        decide(p, DEC_ROLLBACK, res->decline_code[0] ? res->decline_code
+                                : res->status == PROC_ST_CANCELED ? "canceled" : "declined");
+        return true;
+    default:
+        return false;
+    }
+}
+
+static void failpoint_after_send(payment *p)
+{
+    FAILPOINT("after_send", p->key);
+    (void)p;
+}
+
+static void start_create(payment *p)
+{
+    pay_set_state(p, PS_CREATE);
+    proc_req pr;
+    fill_proc_req(p, &pr);
+    if (proc_create(&pr, create_cb, p) != 0) {
+        log_error("payment gid=%s key=%s event=create_not_started", p->gid, p->key);
+        retry(p, D->cfg.processor_retry_base_ms, 5000, start_create);
+        return;
+    }
+    /* "after the request was sent, before its answer": 100 ms after the send
+     * (tests give the test processor more latency than that). */
+    if (failpoint_armed("after_send", p->key))
+        after(p, 100, failpoint_after_send);
+}
+
+static void poll_now(payment *p);
+
+static void create_cb(const proc_result *res, void *arg)
+{
+    payment *p = arg;
+    circuit_account(res);
+    note_ref(p, res);
+    switch (res->outcome) {
+    case PROC_PAYMENT:
+        if (!decide_from(p, res))
+            start_poll(p, D->cfg.processor_poll_ms);       /* pending */
+        return;
+    case PROC_INVALID:
+        if (p->unknown_seen) {
+            /* An earlier attempt may have reached the processor: a 4xx now
+             * proves nothing about it. Ask by gid, as for any unknown. */
+            log_warn("payment gid=%s key=%s event=invalid_after_unknown http=%ld", p->gid, p->key, res->http_status);
+            start_poll(p, D->cfg.processor_poll_ms);
+            return;
+        }
+        decide(p, DEC_ROLLBACK, "invalid_request");
+        return;
+    case PROC_CONFLICT:
+        log_error("payment gid=%s key=%s event=processor_conflict alert=review", p->gid, p->key);
+        D->stats.alerts++;
+        start_handoff(p, true, "processor answered idempotency_conflict for our gid");
+        return;
+    case PROC_AUTH:
+        log_error("payment gid=%s key=%s event=processor_auth_failed http=%ld alert=credentials", p->gid, p->key,
+                  res->http_status);
+        D->stats.alerts++;
+        start_poll(p, D->cfg.processor_poll_ms);
+        return;
+    case PROC_RATE_LIMITED:
+        /* Refused for now: send it again (same key) when the processor
+         * allows. Never proof that nothing was charged, though. */
+        p->unknown_seen = true;
+        after(p, res->retry_after_ms > 0 ? res->retry_after_ms : backoff_ms(1000, p->attempts++, 30000),
+              start_create);
+        return;
+    default:
+        p->unknown_seen = true;
+        if (p->attempts < D->cfg.processor_retries && !past_deadline(p)) {
+            int ms = backoff_ms(D->cfg.processor_retry_base_ms, p->attempts++, 10000);
+            log_info("payment gid=%s key=%s event=create_retry attempt=%d delay_ms=%d error=\"%s\"", p->gid, p->key,
+                     p->attempts, ms, res->error);
+            after(p, ms, start_create);
+        } else {
+            log_warn("payment gid=%s key=%s event=in_doubt error=\"%s\"", p->gid, p->key, res->error);
+            p->attempts = 0;
+            start_poll(p, D->cfg.processor_poll_ms);
+        }
+        return;
+    }
+}
+
+static void start_poll(payment *p, int delay_ms)
+{
+    pay_set_state(p, PS_POLL);
+    after(p, delay_ms, poll_now);
+}
+
+static void poll_now(payment *p)
+{
+    if (past_deadline(p)) {
+        start_cancel(p);
+        return;
+    }
+    proc_req pr;
+    fill_proc_req(p, &pr);
+    if (proc_get(&pr, poll_cb, p) != 0)
+        start_poll(p, backoff_ms(D->cfg.processor_poll_ms, p->attempts++, 30000));
+}
+
+static void poll_cb(const proc_result *res, void *arg)
+{
+    payment *p = arg;
+    circuit_account(res);
+    note_ref(p, res);
+    switch (res->outcome) {
+    case PROC_PAYMENT:
+        p->attempts = 0;
+        if (!decide_from(p, res))
+            start_poll(p, D->cfg.processor_poll_ms);
+        return;
+    case PROC_NOT_FOUND:
+        /* The processor never saw a create: send it again (same key) while
+         * there is time; past the deadline, cancel (tombstone) instead. */
+        p->unknown_seen = true;
+        if (past_deadline(p))
+            start_cancel(p);
+        else
+            start_create(p);
+        return;
+    case PROC_RATE_LIMITED:
+        start_poll(p, res->retry_after_ms > 0 ? res->retry_after_ms : D->cfg.processor_poll_ms);
+        return;
+    default:
+        start_poll(p, backoff_ms(D->cfg.processor_poll_ms, p->attempts++, 30000));
+        return;
+    }
+}
+
+static void start_cancel(payment *p)
+{
+    pay_set_state(p, PS_CANCEL);
+    log_info("payment gid=%s key=%s event=cancel reason=deadline", p->gid, p->key);
+    proc_req pr;
+    fill_proc_req(p, &pr);
+    if (proc_cancel(&pr, cancel_cb, p) != 0)
+        retry(p, D->cfg.processor_poll_ms, 30000, start_cancel);
+}
+
+static void cancel_cb(const proc_result *res, void *arg)
+{
+    payment *p = arg;
+    circuit_account(res);
+    note_ref(p, res);
+    switch (res->outcome) {
+    case PROC_PAYMENT:
+        if (!decide_from(p, res))
+            start_poll(p, D->cfg.processor_poll_ms);
+        return;
+    case PROC_ALREADY_SUCCEEDED:
+        decide(p, DEC_COMMIT, NULL);
+        return;
+    case PROC_UNSUPPORTED:
+        /* No cancel by key: recovery waits out the idempotency window. */
+        log_warn("payment gid=%s key=%s event=left_for_recovery reason=cancel_unsupported", p->gid, p->key);
+        start_handoff(p, false, "processor cannot cancel by key");
+        return;
+    case PROC_RATE_LIMITED:
+        after(p, res->retry_after_ms > 0 ? res->retry_after_ms : D->cfg.processor_poll_ms, start_cancel);
+        return;
+    default:
+        retry(p, D->cfg.processor_poll_ms, 30000, start_cancel);
+        return;
+    }
+}
+
+/* ---------------------------------------------------------------- phase 2 */
+
+static void finish_cb(const store_p2 *res, void *arg);
+static void record_cb(bool ok, void *arg);
+
+static void start_finish(payment *p)
+{
+    pay_set_state(p, p->dec == DEC_COMMIT ? PS_COMMIT : PS_ROLLBACK);
+    if (store_finish(CH_PAY, p->gid, p->dec == DEC_COMMIT, finish_cb, p) != STORE_QUEUED)
+        retry(p, 100, 5000, start_finish);
+}
+
+static void succeeded(payment *p)
+{
+    p->updated_wall_ms = loop_wall_ms();
+    payment_final(p, "succeeded");
+    pay_set_state(p, PS_RECORD);
+    if (store_record_success(p->payment_id, p->processor_ref[0] ? p->processor_ref : NULL, p->updated_wall_ms,
+                             record_cb, p) != STORE_QUEUED)
+        payment_done(p);             /* recovery brings the row up to date */
+}
+
+static void record_cb(bool ok, void *arg)
+{
+    payment *p = arg;
+    if (!ok)
+        log_warn("payment gid=%s key=%s event=record_failed note=\"recovery brings the row up to date\"", p->gid,
+                 p->key);
+    payment_done(p);
+}
+
+static void finish_cb(const store_p2 *res, void *arg)
+{
+    payment *p = arg;
+    switch (res->outcome) {
+    case P2_DONE:
+        p->attempts = 0;
+        FAILPOINT("after_phase2", p->key);
+        release_account(p);
+        if (p->dec == DEC_COMMIT) {
+            succeeded(p);
+        } else {
+            if (!p->decline_code[0])
+                snprintf(p->decline_code, sizeof(p->decline_code), "declined");
+            start_settle(p, "declined", p->decline_code);
+        }
+        return;
+    case P2_GONE:
+        p->attempts = 0;
+        release_account(p);
+        start_check(p);
+        return;
+    case P2_RETRY:
+        log_warn("payment gid=%s key=%s event=phase2_retry sqlstate=%s error=\"%s\"", p->gid, p->key, res->sqlstate,
+                 res->errmsg);
+        retry(p, 100, 5000, start_finish);
+        return;
+    case P2_SHUTDOWN:
+        payment_done(p);             /* the decision is the processor's: recovery repeats it */
+        return;
+    }
+}
+
+/* ---------------------------------------------------------------- check */
+
+static void check_cb(const store_facts *f, void *arg);
+
+static void start_check(payment *p)
+{
+    pay_set_state(p, PS_CHECK);
+    if (store_get_facts(CH_PAY, p->payment_id, p->gid, NULL, check_cb, p) != STORE_QUEUED)
+        retry(p, 100, 5000, start_check);
+}
+
+/* COMMIT/ROLLBACK PREPARED found no prepared transaction: our own earlier
+ * attempt whose answer was lost, someone else (an operator's resolve), or a
+ * write PostgreSQL lost (a failover). The facts decide; the processor's
+ * answer (our decision) is compared with them. */
+static void check_cb(const store_facts *f, void *arg)
+{
+    payment *p = arg;
+    if (f->st != ST_OK) {
+        retry(p, 100, 5000, start_check);
+        return;
+    }
+    if (f->prepared) {               /* cannot be after "does not exist"; do not guess */
+        retry(p, 100, 5000, start_finish);
+        return;
+    }
+    bool want_commit = p->dec == DEC_COMMIT;
+    log_info("payment gid=%s key=%s event=settled_elsewhere wanted=%s row=%d debited=%d", p->gid, p->key,
+             want_commit ? "commit" : "rollback", f->row, f->debited);
+    if (f->debited) {
+        if (want_commit) {
+            succeeded(p);
+            return;
+        }
+        log_error("payment gid=%s key=%s event=settled_against_decision wanted=rollback found=committed "
+                  "alert=reconcile", p->gid, p->key);
+        D->stats.alerts++;
+        start_flag(p, "debit committed although the processor declined: refund the account by hand");
+        return;
+    }
+    if (!want_commit) {
+        start_settle(p, "declined", p->decline_code[0] ? p->decline_code : "declined");
+        return;
+    }
+    log_error("payment gid=%s key=%s event=settled_against_decision wanted=commit found=%s alert=reconcile", p->gid,
+              p->key, f->row ? "rolled_back" : "no_row");
+    D->stats.alerts++;
+    start_flag(p, f->row ? "processor charged but the debit was rolled back: re-debit or refund by hand"
+                         : "processor charged but the database lost the payment: re-debit or refund by hand");
+}
+
+/* ---------------------------------------------------------------- settle */
+
+static void settle_cb(const store_settled *res, void *arg);
+
+static void settle_now(payment *p)
+{
+    pay_set_state(p, PS_SETTLE);
+    store_pay sp;
+    fill_store_pay(p, &sp);
+    int rc;
+#ifdef PAYCOORD_FAILPOINTS
+    /* Non-fatal test point: the first settle attempt finds the database gone. */
+    if (p->attempts == 0 && failpoint_armed("settle_unavailable", p->key))
+        rc = STORE_UNAVAILABLE;
+    else
+#endif
+        rc = store_settle(CH_PAY, &sp, p->settle_status, p->decline_code[0] ? p->decline_code : NULL,
+                          p->processor_ref[0] ? p->processor_ref : NULL, settle_cb, p);
+    if (rc != STORE_QUEUED)
+        retry(p, 100, 5000, settle_now);
+}
+
+static void start_settle(payment *p, const char *status, const char *decline_code)
+{
+    snprintf(p->settle_status, sizeof(p->settle_status), "%s", status);
+    if (decline_code && decline_code != p->decline_code)
+        snprintf(p->decline_code, sizeof(p->decline_code), "%s", decline_code);
+    p->updated_wall_ms = loop_wall_ms();
+    p->attempts = 0;
+    settle_now(p);
+}
+
+static void settle_cb(const store_settled *res, void *arg)
+{
+    payment *p = arg;
+    if (res->st == ST_SHUTDOWN) {
+        payment_done(p);
+        return;
+    }
+    if (res->st != ST_OK) {
+        log_warn("payment gid=%s key=%s event=settle_retry error=\"%s\"", p->gid, p->key, res->errmsg);
+        retry(p, 100, 5000, settle_now);
+        return;
+    }
+    if (res->conflict) {
+        /* PostgreSQL lost our row and the key was stored again by another
+         * request meanwhile: ours cannot be recorded. Nothing was charged. */
+        log_error("payment gid=%s key=%s event=settle_conflict status=%s alert=reconcile", p->gid, p->key,
+                  p->settle_status);
+        D->stats.alerts++;
+        p->final = true;
+        pc_list *n;
+        while ((n = list_pop_head(&p->waiters))) {
+            waiter *w = list_entry(n, waiter, link);
+            pc_request *r = w->r;
+            list_init(&w->link);
+            waiter_free(w);
+            req_reply_err(r, PROTO_ERR_UNAVAILABLE, "the payment could not be recorded; nothing was charged");
+        }
+        payment_done(p);
+        return;
+    }
+    if (!strcmp(res->status, "pending")) {   /* not settled yet (a prepared debit is back?): try again */
+        retry(p, 100, 5000, settle_now);
+        return;
+    }
+    if (strcmp(res->status, p->settle_status) != 0) {
+        log_error("payment gid=%s key=%s event=settled_otherwise wanted=%s found=%s alert=review", p->gid, p->key,
+                  p->settle_status, res->status);
+        D->stats.alerts++;
+    }
+    payment_final(p, !strcmp(res->status, "succeeded") ? "succeeded"
+                     : !strcmp(res->status, "insufficient_funds") ? "insufficient_funds" : "declined");
+    payment_done(p);
+}
+
+/* ---------------------------------------------------------------- hand-off */
+
+static void handoff_flag_cb(st_status st, void *arg);
+
+static void handoff_now(payment *p)
+{
+    if (p->review &&
+        store_flag_review(CH_PAY, p->gid, p->payment_id, p->why, handoff_flag_cb, p) != STORE_QUEUED) {
+        retry(p, 200, 5000, handoff_now);
+        return;
+    }
+    if (!p->review)
+        handoff_flag_cb(ST_OK, p);
+}
+
+/* Hand the prepared debit over to recovery. With review, the flag is durable
+ * before the payment leaves memory (until then the gid is owned here, so
+ * recovery cannot touch it). */
+static void start_handoff(payment *p, bool review, const char *why)
+{
+    pay_set_state(p, PS_HANDOFF);
+    p->review = review;
+    snprintf(p->why, sizeof(p->why), "%s", why);
+    p->attempts = 0;
+    handoff_now(p);
+}
+
+static void handoff_flag_cb(st_status st, void *arg)
+{
+    payment *p = arg;
+    if (st != ST_OK && st != ST_SHUTDOWN) {
+        log_error("payment gid=%s key=%s event=review_flag_retry alert=review", p->gid, p->key);
+        retry(p, 200, 5000, handoff_now);
+        return;
+    }
+    rec_adopt(p->gid);
+    payment_done(p);                 /* clients: 'pending' */
+}
+
+static void flag_cb(st_status st, void *arg);
+
+static void flag_now(payment *p)
+{
+    if (store_flag_review(CH_PAY, p->gid, p->payment_id, p->why, flag_cb, p) != STORE_QUEUED)
+        retry(p, 200, 5000, flag_now);
+}
+
+/* No prepared debit, and the facts contradict the processor: flag it for a
+ * person (durably), release the account, tell clients 'pending'. */
+static void start_flag(payment *p, const char *why)
+{
+    pay_set_state(p, PS_FLAG);
+    snprintf(p->why, sizeof(p->why), "%s", why);
+    p->attempts = 0;
+    flag_now(p);
+}
+
+static void flag_cb(st_status st, void *arg)
+{
+    payment *p = arg;
+    if (st != ST_OK && st != ST_SHUTDOWN) {
+        retry(p, 200, 5000, flag_now);
+        return;
+    }
+    payment_done(p);
+}
+
+/* ---------------------------------------------------------------- pay op */
+
+void pay_handle_pay(pc_request *r)
+{
+    const proto_request *q = &r->req;
+    payment *p = strmap_get(by_key, q->idempotency_key);
+    if (p) {
+        /* The key is in flight here: never a second charge. Judged against
+         * this payment once its row is known to be the key's. */
+        if (p->durable && !same_request(p, q)) {
+            req_reply_err(r, PROTO_ERR_IDEMPOTENCY_CONFLICT,
+                          "idempotency key %s is in use with another account, amount or currency", q->idempotency_key);
+            return;
+        }
+        if (p->final) {
+            D->stats.replays++;
+            req_reply_ok(r, payment_json(p, true));
+            return;
+        }
+        if (p->durable)
+            D->stats.replays++;
+        if (add_waiter(p, r, true) != 0)
+            req_reply_err(r, PROTO_ERR_INTERNAL, "out of memory; nothing new was charged");
+        return;
+    }
+    if (D->shutting_down) {
+        req_reply_err(r, PROTO_ERR_SHUTTING_DOWN, "the daemon is shutting down; nothing was charged");
+        return;
+    }
+    if (!store_is_up()) {
+        req_reply_err(r, PROTO_ERR_UNAVAILABLE, "database unavailable; nothing was charged");
+        return;
+    }
+    if (!rec_node_locked()) {
+        req_reply_err(r, PROTO_ERR_UNAVAILABLE,
+                      "this daemon does not hold its node lock (starting, or another daemon runs with node_id %s); "
+                      "nothing was charged", D->cfg.node_id);
+        return;
+    }
+    if (D->max_prepared_server <= 0) {
+        req_reply_err(r, PROTO_ERR_UNAVAILABLE, D->max_prepared_server == 0
+                      ? "the database has max_prepared_transactions = 0 (two-phase commit disabled); nothing was charged"
+                      : "starting up; nothing was charged");
+        return;
+    }
+    if (in_flight >= D->cfg.max_in_flight || in_flight + rec_orphans() >= D->prepared_limit) {
+        req_reply_err(r, PROTO_ERR_OVERLOADED, "too many payments in flight (%d, %d more prepared and left to "
+                      "recovery); nothing was charged", in_flight, rec_orphans());
+        return;
+    }
+    if (!circuit_allows()) {
+        req_reply_err(r, PROTO_ERR_OVERLOADED,
+                      "processor circuit open after repeated failures (or rate limited); nothing was charged");
+        return;
+    }
+    account *a = account_get(q->account);
+    if (!a) {
+        req_reply_err(r, PROTO_ERR_INTERNAL, "out of memory; nothing was charged");
+        return;
+    }
+    p = payment_new(q);
+    if (!p) {
+        account_put(a);
+        req_reply_err(r, PROTO_ERR_INTERNAL, "out of memory; nothing was charged");
+        return;
+    }
+    if (add_waiter(p, r, false) != 0) {
+        payment_done(p);
+        account_put(a);
+        req_reply_err(r, PROTO_ERR_INTERNAL, "out of memory; nothing was charged");
+        return;
+    }
+    log_debug("payment gid=%s key=%s account=%s amount=%lld currency=%s event=received", p->gid, p->key, p->account,
+              (long long)p->amount, p->currency);
+    int got = account_enter(a, &p->slot);
+    if (got < 0) {
+        end_refused(p, PROTO_ERR_OVERLOADED, "too many payments queued on this account; nothing was charged");
+        account_put(a);
+        return;
+    }
+    p->acct = a;
+    if (got == 1) {
+        start_phase1(p);
+        return;
+    }
+    pay_set_state(p, PS_QUEUED);
+    after(p, D->cfg.queue_timeout_ms, queue_timeout);
+}
+
+/* ---------------------------------------------------------------- init */
+
+int pay_init(void)
+{
+    by_key = strmap_new();
+    by_id = strmap_new();
+    for (int i = 0; i < PS__COUNT; i++) {
+        list_init(&by_state[i]);
+        nstate[i] = 0;
+    }
+    in_flight = prepared = 0;
+    list_init(&redispatches);
+    circuit_reset();
+    return (by_key && by_id) ? 0 : -1;
+}
+
+void pay_shutdown(bool answer)
+{
+    for (int s = 0; s < PS__COUNT; s++) {
+        pc_list *n;
+        while ((n = list_pop_head(&by_state[s]))) {
+            payment *p = list_entry(n, payment, state_link);
+            pc_list *wn;
+            while ((wn = list_pop_head(&p->waiters))) {
+                waiter *w = list_entry(wn, waiter, link);
+                pc_request *r = w->r;
+                list_init(&w->link);
+                waiter_free(w);
+                if (answer)
+                    req_reply_err(r, PROTO_ERR_SHUTTING_DOWN, "the daemon stopped; the payment is left for recovery");
+                else
+                    req_free(r);
+            }
+            owner_release(p->gid, OWNER_PAYMENT);
+            payment_free(p);
+        }
+        nstate[s] = 0;
+    }
+    pc_list *n;
+    while ((n = list_pop_head(&redispatches))) {
+        redispatch *rd = list_entry(n, redispatch, link);
+        loop_timer_deinit(&rd->t);
+        if (answer)
+            req_reply_err(rd->r, PROTO_ERR_SHUTTING_DOWN, "the daemon is shutting down; nothing was charged");
+        else
+            req_free(rd->r);
+        free(rd);
+    }
+    in_flight = prepared = 0;
+    strmap_free(by_key);
+    strmap_free(by_id);
+    by_key = by_id = NULL;
+}
