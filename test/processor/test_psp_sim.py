@@ -1,4 +1,4 @@
-"""psp-sim against PROCESSOR.md and the fault-injection contract in
+"""psp-sim against the generic contract and the fault-injection contract in
 docs/processor.md. Every test runs its own psp-sim (see conftest.py)."""
 
 import errno
@@ -311,7 +311,7 @@ def test_control_shape_and_validation(sim):
         "latency_ms": 0, "jitter_ms": 0, "decline_rate": 0, "pending_rate": 0, "settle_ms": 1000,
         "settle_status": "succeeded", "fail_before_rate": 0, "fail_after_rate": 0, "drop_after_rate": 0,
         "blackhole": False, "refuse_connections": False, "cancel_unsupported": False,
-        "fault_ops": ["create"], "seed": c["faults"]["seed"]}
+        "fault_ops": ["create"], "seed": c["faults"]["seed"], "rate_limit_rate": 0, "retry_after_s": 1}
     assert set(c["counters"]["requests"]) == {"create", "get", "cancel", "refund", "list"}
     for k in ("processed_creates", "succeeded", "declined", "pending", "canceled", "failed_before",
               "failed_after", "dropped_after", "blackholed"):
