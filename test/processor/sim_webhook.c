@@ -41,14 +41,34 @@ struct sim_webhooks {
     delivery *all; /* every delivery */
     size_t count;
     size_t inflight;
+    /* Connections whose request completed: freed on the next loop turn,
+     * since libevent still uses them when the request callback returns. */
+    struct evhttp_connection **done;
+    size_t ndone;
+    size_t done_cap;
+    struct event *reap;
 };
 
 static void attempt(delivery *d);
+
+static void reap_cb(evutil_socket_t fd, short what, void *arg)
+{
+    sim_webhooks *w = arg;
+    (void)fd;
+    (void)what;
+    while (w->ndone > 0)
+        evhttp_connection_free(w->done[--w->ndone]);
+}
 
 sim_webhooks *sim_webhooks_new(sim_server *s)
 {
     sim_webhooks *w = sim_xcalloc(1, sizeof(*w));
     w->s = s;
+    w->reap = evtimer_new(s->base, reap_cb, w);
+    if (w->reap == NULL) {
+        sim_log(SIM_LOG_ERR, "cannot create the webhook reaper: out of memory?");
+        abort();
+    }
     return w;
 }
 
@@ -78,6 +98,9 @@ void sim_webhooks_free(sim_webhooks *w)
             evhttp_connection_free(d->conn); /* frees its request without a callback */
         unlink_free(d);
     }
+    reap_cb(-1, 0, w);
+    event_free(w->reap);
+    free(w->done);
     free(w);
 }
 
@@ -299,7 +322,16 @@ static void finished(delivery *d, bool ok, int code)
 {
     sim_webhooks *w = d->w;
     sim_faults *f = &w->s->faults;
-    d->conn = NULL; /* freed by libevent after this callback (free_on_completion) */
+    if (d->conn != NULL) {
+        if (w->ndone == w->done_cap) {
+            w->done_cap = w->done_cap ? w->done_cap * 2 : SIM_WEBHOOK_INFLIGHT_MAX;
+            w->done = sim_xrealloc(w->done, w->done_cap * sizeof(*w->done));
+        }
+        w->done[w->ndone++] = d->conn;
+        d->conn = NULL;
+        struct timeval zero = {0, 0};
+        evtimer_add(w->reap, &zero);
+    }
     w->inflight--;
     if (ok) {
         counters(w)->webhooks_delivered++;
@@ -387,8 +419,7 @@ static void attempt(delivery *d)
     struct evhttp_connection *conn = evhttp_connection_base_new(w->s->base, NULL, w->host, w->port);
     struct evhttp_request *req = conn != NULL ? evhttp_request_new(response_cb, d) : NULL;
     if (req == NULL) {
-        if (conn != NULL)
-            evhttp_connection_free(conn);
+        d->conn = conn;
         w->inflight++;
         finished(d, false, 0);
         return;
@@ -409,13 +440,10 @@ static void attempt(delivery *d)
     d->conn = conn;
     w->inflight++;
     if (evhttp_make_request(conn, req, EVHTTP_REQ_POST, w->path) != 0) {
-        /* libevent freed the request */
-        evhttp_connection_free(conn);
-        d->conn = NULL;
+        /* libevent freed the request; finished() frees the connection */
         finished(d, false, 0);
         return;
     }
-    evhttp_connection_free_on_completion(conn);
 }
 
 static void queue(sim_webhooks *w, const char *body, size_t len, bool stripe_sign, bool forged)
