@@ -478,3 +478,19 @@ def test_control_payments_and_csv(stripe):
     assert lines[0].startswith("Company Account,Merchant Account,Psp Reference,Merchant Reference")
     assert len(lines) == 1 + 6  # the declined one is not settled
     assert all(",Settled," in line and ",EUR,,12.50," in line for line in lines[1:])
+
+
+def test_shared_faults_latency_and_blackhole(stripe):
+    stripe.control({"latency_ms": 300})
+    t0 = time.monotonic()
+    assert create(stripe, "pc:t1:lat")[0] == 200
+    assert time.monotonic() - t0 >= 0.28
+    stripe.control({"latency_ms": 0, "blackhole": True})
+    with pytest.raises((TimeoutError, socket.timeout)):
+        call(stripe, "POST", "/v1/payment_intents", pi_form("pc:t1:bh"), key="pc:t1:bh", timeout=0.3)
+    assert stripe.counters()["blackholed"] == 1
+    stripe.reset()
+    assert [r["key"] for r in ctl_payments(stripe)] == ["pc:t1:lat"]
+    # Never executed, so the key was not saved: this is a first execution.
+    st, pi, h = create(stripe, "pc:t1:bh")
+    assert st == 200 and "idempotent-replayed" not in h
