@@ -90,10 +90,15 @@ class Postgres:
 # --------------------------------------------------------------- processor
 
 class Processor:
-    """The test processor (psp-sim) and its control endpoint."""
+    """The test processor (psp-sim) and its control endpoint. mode: generic,
+    stripe or adyen (docs/processor.md); webhook_url/webhook_secret for the
+    latter two (also settable later with set_webhook)."""
 
-    def __init__(self, workdir):
+    def __init__(self, workdir, mode="generic", webhook_url=None, webhook_secret=None):
         self.workdir = workdir
+        self.mode = mode
+        self.webhook_url = webhook_url
+        self.webhook_secret = webhook_secret
         self.token_file = os.path.join(workdir, "psp-token")
         with open(self.token_file, "w") as f:
             f.write(TOKEN + "\n")
@@ -102,8 +107,14 @@ class Processor:
         self.port = self.control_port = None
 
     def start(self, port=0):
+        cmd = [PSP_SIM, "--port", str(port), "--control-port", "0", "--token-file", self.token_file, "--quiet",
+               "--mode", self.mode]
+        if self.webhook_url:
+            cmd += ["--webhook-url", self.webhook_url]
+        if self.webhook_secret:
+            cmd += ["--webhook-secret", self.webhook_secret]
         self.proc = subprocess.Popen(
-            [PSP_SIM, "--port", str(port), "--control-port", "0", "--token-file", self.token_file, "--quiet"],
+            cmd,
             stdout=subprocess.PIPE, stderr=open(os.path.join(self.workdir, "psp-sim.log"), "ab"), text=True)
         line = self.proc.stdout.readline()
         m = re.search(r"port=(\d+) control_port=(\d+)", line)
@@ -158,8 +169,19 @@ class Processor:
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read() or b"null")
 
+    def set_webhook(self, url=None, secret=None):
+        body = {k: v for k, v in (("url", url), ("secret", secret)) if v is not None}
+        st, cfg = self._req("POST", "/control/webhook", body)
+        assert st == 200, cfg
+        return cfg
+
     def all_payments(self):
-        """Every payment the processor holds, through the contract's list call."""
+        """Every payment the processor holds: through the contract's list call
+        in generic mode, else through psp-sim's mode-independent
+        /control/payments (key = Idempotency-Key or metadata gid for Stripe,
+        merchant reference for Adyen), in the same shape."""
+        if self.mode != "generic":
+            return self._control_payments()
         out, after = [], None
         while True:
             q = "/v1/payments?created_gte=0&created_lt=9999999999&limit=1000"
@@ -171,6 +193,18 @@ class Processor:
             if not body["has_more"]:
                 return out
             after = body["data"][-1]["id"]
+
+    def _control_payments(self):
+        out, after = [], None
+        while True:
+            q = "/control/payments?limit=1000" + (f"&starting_after={after}" if after else "")
+            st, body = self._req("GET", q)
+            assert st == 200, body
+            for p in body["data"]:
+                out.append(dict(p, idempotency_key=p["key"], id=p["processor_id"]))
+            if not body["has_more"]:
+                return out
+            after = body["data"][-1]["processor_id"]
 
 
 # --------------------------------------------------------------- daemon

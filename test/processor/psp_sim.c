@@ -1,5 +1,5 @@
 /*
- * psp_sim.c - psp-sim, the test payment processor: the PROCESSOR.md contract
+ * psp_sim.c - psp-sim, the test payment processor: the generic processor contract (docs/processor.md)
  * over loopback HTTP (libevent evhttp, one thread) with fault injection on
  * /control. Users' guide: docs/processor.md.
  *
@@ -27,11 +27,9 @@
  * timer/watch callbacks, never from inside an evhttp request callback
  * (evhttp still uses the connection after that callback returns).
  */
-#include "sim_fault.h"
-#include "sim_store.h"
-#include "sim_util.h"
+#include "sim_server.h"
+#include "sim_webhook.h"
 
-#include <sys/queue.h> /* before event2: TAILQ_* for evkeyvalq */
 
 #include <arpa/inet.h>
 #include <cjson/cJSON.h>
@@ -54,111 +52,18 @@
 #include <unistd.h>
 
 #define DEFAULT_MAX_PAYMENTS 1000000
-#define LIST_LIMIT_DEFAULT 100
-#define LIST_LIMIT_MAX 1000
 #define TOKEN_MAX 4096
-
-/* What happens to a request besides its normal processing. */
-typedef enum {
-    FATE_NORMAL = 0,
-    FATE_FAIL_BEFORE, /* 503, not processed */
-    FATE_FAIL_AFTER,  /* processed, 500 */
-    FATE_DROP_AFTER,  /* processed, connection closed without an answer */
-    FATE_BLACKHOLE    /* held, never processed nor answered */
-} sim_fate;
-
-/* metadata.sim on a create: the outcome of a new payment. */
-typedef enum { FORCE_NONE = 0, FORCE_SUCCEED, FORCE_DECLINE, FORCE_PENDING } sim_force;
-
-/* One parsed /v1 request: everything needed to process it later, copied
- * out of the evhttp request (which may be gone by then). */
-typedef struct sim_call {
-    /* scalars first: call_init() clears up to `key` */
-    sim_op op;
-    sim_fate fate;
-    sim_force force;
-    int bad_status;      /* 0, or 400 with bad_msg */
-    bool has_sim_fate;
-    bool has_latency;
-    int64_t latency_ms;  /* metadata.sim_latency_ms */
-    size_t key_len;
-    int64_t amount;
-    size_t account_len;
-    bool has_reference;
-    size_t reference_len;
-    bool has_decline_code;
-    bool has_gte;
-    bool has_lt;
-    bool has_after;
-    int64_t gte;
-    int64_t lt;
-    uint64_t after_seq;
-    int limit;
-    char key[SIM_KEY_MAX + 1];
-    char currency[4];
-    char account[SIM_ACCOUNT_MAX + 1];
-    char reference[SIM_REFERENCE_MAX + 1];
-    char decline_code[SIM_DECLINE_CODE_MAX + 1];
-    char bad_msg[160];
-} sim_call;
-
-typedef enum {
-    HOLD_DELAY,     /* latency: the timer processes the call, then answers */
-    HOLD_BLACKHOLE, /* until the client goes away */
-    HOLD_DROP       /* close the connection on the next loop turn */
-} hold_kind;
-
-typedef struct sim_server sim_server;
-
-/* A request we answer later (or never). Owned by the server's held list.
- * req and evcon are NULL once the connection is gone; a HOLD_DELAY call is
- * still processed when its timer fires, with nobody to answer. */
-typedef struct sim_held {
-    struct sim_held *prev;
-    struct sim_held *next;
-    sim_server *srv;
-    struct evhttp_request *req;
-    struct evhttp_connection *evcon;
-    struct event *timer;
-    struct event *watch;
-    hold_kind kind;
-    sim_call call;
-} sim_held;
-
-struct sim_server {
-    struct event_base *base;
-    struct evhttp *http_main;
-    struct evhttp *http_ctl;
-    struct evhttp_bound_socket *main_sock; /* NULL while refusing connections */
-    char bind_addr[64];
-    uint16_t port;
-    uint16_t ctl_port;
-    char *token;
-    size_t token_len;
-    const char *state_path;
-    sim_store *store;
-    sim_faults faults;
-    sim_rng rng;
-    struct event *settle_ev;
-    int64_t settle_armed_ms;
-    sim_held *held;
-    size_t held_count;
-    struct evbuffer *out; /* reply body, reused */
-    sim_buf body;         /* JSON being built, reused */
-};
-
-static void settle_rearm(sim_server *s);
 
 /* ---- small helpers ---------------------------------------------------- */
 
-static void call_init(sim_call *c)
+void sim_call_init(sim_call *c)
 {
     memset(c, 0, offsetof(sim_call, key));
     c->key[0] = '\0';
-    c->limit = LIST_LIMIT_DEFAULT;
+    c->limit = 100;
 }
 
-static int SIM_PRINTF(3, 4) call_bad(sim_call *c, int status, const char *fmt, ...)
+int sim_call_bad(sim_call *c, int status, const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
@@ -168,7 +73,7 @@ static int SIM_PRINTF(3, 4) call_bad(sim_call *c, int status, const char *fmt, .
     return -1;
 }
 
-static bool printable_ascii(const char *s, size_t n)
+bool sim_printable_ascii(const char *s, size_t n)
 {
     for (size_t i = 0; i < n; i++)
         if (s[i] < 0x20 || s[i] > 0x7e)
@@ -176,7 +81,7 @@ static bool printable_ascii(const char *s, size_t n)
     return true;
 }
 
-static int hexval(char c)
+int sim_hexval(char c)
 {
     if (c >= '0' && c <= '9')
         return c - '0';
@@ -188,14 +93,14 @@ static int hexval(char c)
 }
 
 /* Percent-decodes one path segment into out (cap bytes incl. NUL). */
-static int decode_segment(const char *s, size_t n, char *out, size_t cap, size_t *out_len)
+int sim_decode_segment(const char *s, size_t n, char *out, size_t cap, size_t *out_len)
 {
     size_t j = 0;
     for (size_t i = 0; i < n; i++) {
         char c = s[i];
         if (c == '%') {
             int hi, lo;
-            if (i + 2 >= n || (hi = hexval(s[i + 1])) < 0 || (lo = hexval(s[i + 2])) < 0)
+            if (i + 2 >= n || (hi = sim_hexval(s[i + 1])) < 0 || (lo = sim_hexval(s[i + 2])) < 0)
                 return -1;
             c = (char)(hi * 16 + lo);
             i += 2;
@@ -216,9 +121,13 @@ static const char *reason_phrase(int code)
     case 201: return "Created";
     case 400: return "Bad Request";
     case 401: return "Unauthorized";
+    case 402: return "Payment Required";
     case 404: return "Not Found";
     case 405: return "Method Not Allowed";
     case 409: return "Conflict";
+    case 413: return "Payload Too Large";
+    case 422: return "Unprocessable Entity";
+    case 429: return "Too Many Requests";
     case 500: return "Internal Server Error";
     case 501: return "Not Implemented";
     case 503: return "Service Unavailable";
@@ -227,7 +136,7 @@ static const char *reason_phrase(int code)
 }
 
 /* {"error":{"code":..., "message":...}} into s->body. */
-static void error_body(sim_server *s, const char *code, const char *message)
+void sim_error_body(sim_server *s, const char *code, const char *message)
 {
     sim_buf *b = &s->body;
     sim_buf_reset(b);
@@ -240,22 +149,63 @@ static void error_body(sim_server *s, const char *code, const char *message)
     sim_buf_adds(b, "}}");
 }
 
-static void reply(sim_server *s, struct evhttp_request *req, int code)
+void sim_add_header(sim_server *s, const char *name, const char *fmt, ...)
 {
+    if (s->nhdrs >= SIM_MAX_HDRS)
+        return;
+    sim_hdr *h = &s->hdrs[s->nhdrs++];
+    va_list ap;
+    h->name = name;
+    va_start(ap, fmt);
+    vsnprintf(h->value, sizeof(h->value), fmt, ap);
+    va_end(ap);
+}
+
+void sim_reply(sim_server *s, struct evhttp_request *req, int code)
+{
+    struct evkeyvalq *out = evhttp_request_get_output_headers(req);
     evbuffer_add(s->out, s->body.data, s->body.len);
-    if (code == 401)
-        evhttp_add_header(evhttp_request_get_output_headers(req), "WWW-Authenticate", "Bearer");
+    if (s->content_type != NULL)
+        evhttp_add_header(out, "Content-Type", s->content_type);
+    for (int i = 0; i < s->nhdrs; i++)
+        evhttp_add_header(out, s->hdrs[i].name, s->hdrs[i].value);
+    s->nhdrs = 0;
+    s->content_type = NULL;
     evhttp_send_reply(req, code, reason_phrase(code), s->out);
+}
+
+void sim_reply_now(sim_server *s, struct evhttp_request *req, int code)
+{
+    s->nhdrs = 0;
+    s->content_type = NULL;
+    sim_reply(s, req, code);
 }
 
 static void reply_error(sim_server *s, struct evhttp_request *req, int code, const char *ecode,
                         const char *message)
 {
-    error_body(s, ecode, message);
-    reply(s, req, code);
+    sim_error_body(s, ecode, message);
+    sim_reply_now(s, req, code);
+}
+
+bool sim_token_matches(const sim_server *s, const char *h, size_t n)
+{
+    unsigned char diff = n != s->token_len;
+    for (size_t i = 0; i < s->token_len; i++)
+        diff |= (unsigned char)(s->token[i] ^ (i < n ? h[i] : 0));
+    return diff == 0;
 }
 
 /* ---- held requests ---------------------------------------------------- */
+
+static int execute(sim_server *s, sim_call *c);
+
+static void call_free(sim_call *c)
+{
+    if (c->mdata != NULL && c->mfree != NULL)
+        c->mfree(c->mdata);
+    c->mdata = NULL;
+}
 
 static void held_release(sim_held *h)
 {
@@ -273,6 +223,7 @@ static void held_release(sim_held *h)
         event_free(h->watch);
     if (h->evcon != NULL)
         evhttp_connection_set_closecb(h->evcon, NULL, NULL);
+    call_free(&h->call);
     free(h);
 }
 
@@ -352,7 +303,7 @@ static void hold(sim_server *s, struct evhttp_request *req, const sim_call *call
     if (call != NULL)
         h->call = *call;
     else
-        call_init(&h->call);
+        sim_call_init(&h->call);
     h->next = s->held;
     if (s->held != NULL)
         s->held->prev = h;
@@ -375,221 +326,6 @@ static void hold(sim_server *s, struct evhttp_request *req, const sim_call *call
             abort();
         }
     }
-}
-
-/* ---- processing ------------------------------------------------------- */
-
-static void payment_body(sim_server *s, const sim_payment *p)
-{
-    sim_buf_reset(&s->body);
-    sim_payment_json(p, &s->body);
-}
-
-static bool same_create(const sim_payment *p, const sim_call *c)
-{
-    return p->amount == c->amount && memcmp(p->currency, c->currency, 3) == 0 &&
-           p->account_len == c->account_len && memcmp(p->account, c->account, c->account_len) == 0 &&
-           p->has_reference == c->has_reference &&
-           (!c->has_reference ||
-            (p->reference_len == c->reference_len &&
-             memcmp(p->reference, c->reference, c->reference_len) == 0));
-}
-
-static int process_create(sim_server *s, const sim_call *c)
-{
-    sim_counters *ctr = sim_store_counters(s->store);
-    int64_t now = sim_now_ms();
-    sim_payment *p = sim_store_find(s->store, c->key, c->key_len);
-
-    if (p != NULL) {
-        sim_store_touch(s->store, p, now);
-        if (p->tombstone) {
-            ctr->tombstone_hits++;
-        } else if (!same_create(p, c)) {
-            ctr->conflicts++;
-            error_body(s, "idempotency_conflict", NULL);
-            return 409;
-        } else {
-            ctr->replays++;
-        }
-        payment_body(s, p);
-        return 200;
-    }
-
-    sim_new_payment np = {
-        .key = c->key,
-        .key_len = c->key_len,
-        .amount = c->amount,
-        .currency = c->currency,
-        .account = c->account,
-        .account_len = c->account_len,
-        .has_reference = c->has_reference,
-        .reference = c->reference,
-        .reference_len = c->reference_len,
-    };
-    if (sim_store_insert(s->store, &np, &p) != 0) {
-        error_body(s, "capacity", "psp-sim holds --max-payments records");
-        return 503;
-    }
-    ctr->processed_creates++;
-
-    const sim_faults *f = &s->faults;
-    const char *dcode = c->has_decline_code ? c->decline_code : NULL;
-    sim_force force = c->force;
-    if (force == FORCE_NONE && !c->has_sim_fate) {
-        if (sim_rng_hit(&s->rng, f->decline_rate))
-            force = FORCE_DECLINE;
-        else if (sim_rng_hit(&s->rng, f->pending_rate))
-            force = FORCE_PENDING;
-    }
-    switch (force) {
-    case FORCE_DECLINE:
-        sim_store_set_status(s->store, p, SIM_ST_DECLINED, dcode, "create");
-        break;
-    case FORCE_PENDING:
-        sim_store_set_pending(s->store, p, now + f->settle_ms, f->settle_status, dcode);
-        settle_rearm(s);
-        break;
-    case FORCE_NONE:
-    case FORCE_SUCCEED:
-        sim_store_set_status(s->store, p, SIM_ST_SUCCEEDED, NULL, "create");
-        break;
-    }
-    payment_body(s, p);
-    return 201;
-}
-
-static int process_get(sim_server *s, const sim_call *c)
-{
-    sim_payment *p = sim_store_find(s->store, c->key, c->key_len);
-    if (p == NULL) {
-        error_body(s, "not_found", NULL);
-        return 404;
-    }
-    sim_store_touch(s->store, p, sim_now_ms());
-    payment_body(s, p);
-    return 200;
-}
-
-static int process_cancel(sim_server *s, const sim_call *c)
-{
-    if (s->faults.cancel_unsupported) {
-        error_body(s, "cancel_unsupported", "this processor cannot cancel by idempotency key");
-        return 501;
-    }
-    sim_payment *p = sim_store_find(s->store, c->key, c->key_len);
-    if (p == NULL) {
-        sim_new_payment np = {.key = c->key, .key_len = c->key_len, .tombstone = true};
-        if (sim_store_insert(s->store, &np, &p) != 0) {
-            error_body(s, "capacity", "psp-sim holds --max-payments records");
-            return 503;
-        }
-        sim_store_counters(s->store)->tombstones++;
-        sim_store_set_status(s->store, p, SIM_ST_CANCELED, NULL, "cancel of an unknown key");
-        payment_body(s, p);
-        return 200;
-    }
-    sim_store_touch(s->store, p, sim_now_ms());
-    switch ((sim_status)p->status) {
-    case SIM_ST_PENDING:
-        sim_store_set_status(s->store, p, SIM_ST_CANCELED, NULL, "cancel");
-        break;
-    case SIM_ST_SUCCEEDED: {
-        sim_buf *b = &s->body;
-        sim_buf_reset(b);
-        sim_buf_adds(b, "{\"error\":{\"code\":\"already_succeeded\"},\"payment\":");
-        sim_payment_json(p, b);
-        sim_buf_addc(b, '}');
-        return 409;
-    }
-    default:
-        break; /* declined or canceled: unchanged */
-    }
-    payment_body(s, p);
-    return 200;
-}
-
-static int process_refund(sim_server *s, const sim_call *c)
-{
-    sim_payment *p = sim_store_find(s->store, c->key, c->key_len);
-    if (p == NULL) {
-        error_body(s, "not_found", NULL);
-        return 404;
-    }
-    sim_store_touch(s->store, p, sim_now_ms());
-    if (p->status != SIM_ST_SUCCEEDED) {
-        error_body(s, "not_succeeded", NULL);
-        return 409;
-    }
-    sim_store_refund(s->store, p);
-    payment_body(s, p);
-    return 200;
-}
-
-static int process_list(sim_server *s, const sim_call *c)
-{
-    sim_buf *b = &s->body;
-    size_t i = sim_store_list_start(s->store, c->has_gte, c->gte, c->has_after, c->after_seq);
-    int n = 0;
-    bool more = false;
-
-    sim_store_settle_due(s->store, sim_now_ms());
-    settle_rearm(s);
-    sim_buf_reset(b);
-    sim_buf_adds(b, "{\"data\":[");
-    for (sim_payment *p; (p = sim_store_at(s->store, i)) != NULL; i++) {
-        if (c->has_lt && p->created >= c->lt)
-            break;
-        if (n == c->limit) {
-            more = true;
-            break;
-        }
-        if (n++ > 0)
-            sim_buf_addc(b, ',');
-        sim_payment_json(p, b);
-    }
-    sim_buf_adds(b, more ? "],\"has_more\":true}" : "],\"has_more\":false}");
-    return 200;
-}
-
-/* Processes a call whose time has come, into s->body. Returns the HTTP
- * status to answer, or 0 to close the connection without an answer. */
-static int execute(sim_server *s, const sim_call *c)
-{
-    sim_counters *ctr = sim_store_counters(s->store);
-    int code;
-
-    if (c->bad_status != 0) {
-        error_body(s, "invalid_request", c->bad_msg);
-        return c->bad_status;
-    }
-    if (c->fate == FATE_FAIL_BEFORE) {
-        ctr->failed_before++;
-        sim_log(SIM_LOG_DEBUG, "fault fail_before op=%s key=\"%s\"", sim_op_name(c->op), c->key);
-        error_body(s, "simulated_failure", "psp-sim fail_before: nothing was processed");
-        return 503;
-    }
-    switch (c->op) {
-    case SIM_OP_CREATE: code = process_create(s, c); break;
-    case SIM_OP_GET: code = process_get(s, c); break;
-    case SIM_OP_CANCEL: code = process_cancel(s, c); break;
-    case SIM_OP_REFUND: code = process_refund(s, c); break;
-    case SIM_OP_LIST: code = process_list(s, c); break;
-    default: code = 500; break;
-    }
-    sim_log(SIM_LOG_DEBUG, "request op=%s key=\"%s\" status=%d", sim_op_name(c->op), c->key, code);
-    if (c->fate == FATE_FAIL_AFTER) {
-        ctr->failed_after++;
-        sim_log(SIM_LOG_DEBUG, "fault fail_after op=%s key=\"%s\"", sim_op_name(c->op), c->key);
-        error_body(s, "simulated_failure", "psp-sim fail_after: the request was processed");
-        return 500;
-    }
-    if (c->fate == FATE_DROP_AFTER) {
-        ctr->dropped_after++;
-        sim_log(SIM_LOG_DEBUG, "fault drop_after op=%s key=\"%s\"", sim_op_name(c->op), c->key);
-        return 0;
-    }
-    return code;
 }
 
 static void held_timer_cb(evutil_socket_t fd, short what, void *arg)
@@ -617,25 +353,70 @@ static void held_timer_cb(evutil_socket_t fd, short what, void *arg)
             evhttp_connection_set_closecb(h->evcon, NULL, NULL);
             h->evcon = NULL;
             h->req = NULL;
-            reply(s, req, code);
+            sim_reply(s, req, code);
         }
     }
     held_release(h);
 }
 
-/* ---- parsing ---------------------------------------------------------- */
 
-static const cJSON *jget(const cJSON *o, const char *name)
+/* Chooses the fate of a valid call: metadata.sim wins, then the rates of
+ * the ops in fault_ops, in this order: blackhole, rate_limit, fail_before,
+ * fail_after, drop_after (each drawn only if the previous did not hit). */
+static sim_fate decide_fate(sim_server *s, const sim_call *c)
 {
-    return cJSON_GetObjectItemCaseSensitive(o, name);
+    const sim_faults *f = &s->faults;
+    if (c->bad_status != 0)
+        return FATE_NORMAL;
+    if (c->has_sim_fate)
+        return c->fate;
+    if (!sim_faults_applies(f, c->op))
+        return FATE_NORMAL;
+    if (f->blackhole)
+        return FATE_BLACKHOLE;
+    if (sim_rng_hit(&s->rng, f->rate_limit_rate))
+        return FATE_RATE_LIMIT;
+    if (sim_rng_hit(&s->rng, f->fail_before_rate))
+        return FATE_FAIL_BEFORE;
+    if (sim_rng_hit(&s->rng, f->fail_after_rate))
+        return FATE_FAIL_AFTER;
+    if (sim_rng_hit(&s->rng, f->drop_after_rate))
+        return FATE_DROP_AFTER;
+    return FATE_NORMAL;
 }
 
-static bool jabsent(const cJSON *v)
+/* Processes a call whose time has come: the mode's answer, or a 429. */
+static int execute(sim_server *s, sim_call *c)
 {
-    return v == NULL || cJSON_IsNull(v);
+    s->nhdrs = 0;
+    s->content_type = NULL;
+    if (c->fate == FATE_RATE_LIMIT && c->bad_status == 0) {
+        sim_store_counters(s->store)->rate_limited++;
+        sim_log(SIM_LOG_DEBUG, "fault rate_limit op=%s key=\"%s\"", sim_op_name(c->op), c->key);
+        sim_buf_reset(&s->body);
+        s->ops->rate_limited(s);
+        sim_add_header(s, "Retry-After", "%lld", (long long)s->faults.retry_after_s);
+        return 429;
+    }
+    return s->ops->execute(s, c);
 }
 
-static int parse_metadata(sim_call *c, const cJSON *md)
+/* ---- shared by the modes ---------------------------------------------- */
+
+int sim_count_request(sim_server *s, struct evhttp_request *req, sim_op op)
+{
+    sim_counters *ctr = sim_store_counters(s->store);
+    ctr->requests[op]++;
+    if (s->faults.refuse_connections) {
+        /* The listener is closed; this connection was opened before. */
+        ctr->refused++;
+        hold(s, req, NULL, HOLD_DROP, 0);
+        return 1;
+    }
+    return 0;
+}
+
+int sim_parse_sim_value(sim_call *c, const char *v)
 {
     static const struct {
         const char *name;
@@ -649,300 +430,100 @@ static int parse_metadata(sim_call *c, const cJSON *md)
         {"fail_after", FATE_FAIL_AFTER, FORCE_SUCCEED},
         {"drop_after", FATE_DROP_AFTER, FORCE_SUCCEED},
         {"blackhole", FATE_BLACKHOLE, FORCE_SUCCEED},
+        {"rate_limit", FATE_RATE_LIMIT, FORCE_SUCCEED},
+        {"requires_action", FATE_NORMAL, FORCE_ACTION},
+        {"received", FATE_NORMAL, FORCE_RECEIVED},
+        {"error", FATE_NORMAL, FORCE_ERROR},
     };
-    const cJSON *v;
-
-    if (jabsent(md))
-        return 0;
-    if (!cJSON_IsObject(md))
-        return call_bad(c, 400, "metadata must be an object");
-    v = jget(md, "sim");
-    if (!jabsent(v)) {
-        size_t i;
-        for (i = 0; i < SIM_ARRAY_LEN(sims); i++)
-            if (cJSON_IsString(v) && strcmp(v->valuestring, sims[i].name) == 0)
-                break;
-        if (i == SIM_ARRAY_LEN(sims))
-            return call_bad(c, 400, "metadata.sim must be one of succeed, decline, pending, "
-                                    "fail_before, fail_after, drop_after, blackhole");
-        c->has_sim_fate = true;
-        c->fate = sims[i].fate;
-        c->force = sims[i].force;
-    }
-    v = jget(md, "sim_latency_ms");
-    if (!jabsent(v)) {
-        int64_t ms;
-        if (cJSON_IsString(v)) {
-            if (sim_parse_i64(v->valuestring, strlen(v->valuestring), false, &ms) != 0)
-                ms = -1;
-        } else if (cJSON_IsNumber(v) && v->valuedouble == (double)(int64_t)v->valuedouble) {
-            ms = (int64_t)v->valuedouble;
-        } else {
-            ms = -1;
+    for (size_t i = 0; i < SIM_ARRAY_LEN(sims); i++) {
+        if (strcmp(v, sims[i].name) == 0) {
+            c->has_sim_fate = true;
+            c->fate = sims[i].fate;
+            c->force = sims[i].force;
+            return 0;
         }
-        if (ms < 0 || ms > SIM_LATENCY_MAX_MS)
-            return call_bad(c, 400, "metadata.sim_latency_ms must be digits, at most %d",
-                            SIM_LATENCY_MAX_MS);
-        c->has_latency = true;
-        c->latency_ms = ms;
     }
-    v = jget(md, "sim_decline_code");
-    if (!jabsent(v)) {
-        size_t n = cJSON_IsString(v) ? strlen(v->valuestring) : 0;
-        if (n == 0 || n > SIM_DECLINE_CODE_MAX || !printable_ascii(v->valuestring, n))
-            return call_bad(c, 400, "metadata.sim_decline_code must be 1..%d printable characters",
-                            SIM_DECLINE_CODE_MAX);
-        memcpy(c->decline_code, v->valuestring, n + 1);
-        c->has_decline_code = true;
-    }
+    return -1;
+}
+
+int sim_parse_sim_latency(sim_call *c, const char *v)
+{
+    int64_t ms;
+    if (sim_parse_i64(v, strlen(v), false, &ms) != 0 || ms > SIM_LATENCY_MAX_MS)
+        return sim_call_bad(c, 400, "metadata sim_latency_ms must be digits, at most %d", SIM_LATENCY_MAX_MS);
+    c->has_latency = true;
+    c->latency_ms = ms;
     return 0;
 }
 
-static int parse_create(sim_call *c, struct evhttp_request *req)
+int sim_parse_sim_decline_code(sim_call *c, const char *v)
 {
-    int rc = -1;
-    const char *hkey = evhttp_find_header(evhttp_request_get_input_headers(req), "Idempotency-Key");
-    struct evbuffer *in = evhttp_request_get_input_buffer(req);
-    size_t len = evbuffer_get_length(in);
-    cJSON *root = NULL;
-    const cJSON *v;
-
-    if (hkey == NULL)
-        return call_bad(c, 400, "missing Idempotency-Key header");
-    root = cJSON_ParseWithLength((const char *)evbuffer_pullup(in, -1), len);
-    if (!cJSON_IsObject(root)) {
-        call_bad(c, 400, "body must be a JSON object");
-        goto out;
-    }
-    v = jget(root, "idempotency_key");
-    if (!cJSON_IsString(v) || strcmp(v->valuestring, hkey) != 0) {
-        call_bad(c, 400, "idempotency_key must be a string equal to the Idempotency-Key header");
-        goto out;
-    }
-    c->key_len = strlen(hkey);
-    if (c->key_len == 0 || c->key_len > SIM_KEY_MAX || !printable_ascii(hkey, c->key_len)) {
-        call_bad(c, 400, "idempotency key must be 1..%d printable ASCII characters", SIM_KEY_MAX);
-        goto out;
-    }
-    memcpy(c->key, hkey, c->key_len + 1);
-    v = jget(root, "amount");
-    if (!cJSON_IsNumber(v) || v->valuedouble != (double)(int64_t)v->valuedouble ||
-        v->valuedouble < 1 || v->valuedouble > 9007199254740991.0) {
-        call_bad(c, 400, "amount must be a positive integer (minor units)");
-        goto out;
-    }
-    c->amount = (int64_t)v->valuedouble;
-    v = jget(root, "currency");
-    if (!cJSON_IsString(v) || strlen(v->valuestring) != 3 || v->valuestring[0] < 'A' ||
-        v->valuestring[0] > 'Z' || v->valuestring[1] < 'A' || v->valuestring[1] > 'Z' ||
-        v->valuestring[2] < 'A' || v->valuestring[2] > 'Z') {
-        call_bad(c, 400, "currency must be three capital letters");
-        goto out;
-    }
-    memcpy(c->currency, v->valuestring, 4);
-    v = jget(root, "account");
-    c->account_len = cJSON_IsString(v) ? strlen(v->valuestring) : 0;
-    if (c->account_len == 0 || c->account_len > SIM_ACCOUNT_MAX) {
-        call_bad(c, 400, "account must be a string of 1..%d bytes", SIM_ACCOUNT_MAX);
-        goto out;
-    }
-    memcpy(c->account, v->valuestring, c->account_len + 1);
-    v = jget(root, "reference");
-    if (!jabsent(v)) {
-        c->reference_len = cJSON_IsString(v) ? strlen(v->valuestring) : SIM_REFERENCE_MAX + 1;
-        if (c->reference_len > SIM_REFERENCE_MAX) {
-            call_bad(c, 400, "reference must be null or a string of at most %d bytes",
-                     SIM_REFERENCE_MAX);
-            goto out;
-        }
-        memcpy(c->reference, v->valuestring, c->reference_len + 1);
-        c->has_reference = true;
-    }
-    if (parse_metadata(c, jget(root, "metadata")) != 0)
-        goto out;
-    rc = 0;
-out:
-    cJSON_Delete(root);
-    return rc;
+    size_t n = strlen(v);
+    if (n == 0 || n > SIM_DECLINE_CODE_MAX || !sim_printable_ascii(v, n))
+        return sim_call_bad(c, 400, "metadata sim_decline_code must be 1..%d printable characters",
+                            SIM_DECLINE_CODE_MAX);
+    memcpy(c->decline_code, v, n + 1);
+    c->has_decline_code = true;
+    return 0;
 }
 
-static int parse_list(sim_call *c, const char *query)
+sim_force sim_draw_outcome(sim_server *s, const sim_call *c)
 {
-    int rc = -1;
-    struct evkeyvalq params;
-    struct evkeyval *kv;
-
-    TAILQ_INIT(&params);
-    if (query == NULL)
-        return 0;
-    if (evhttp_parse_query_str(query, &params) != 0) {
-        call_bad(c, 400, "malformed query string");
-        goto out;
-    }
-    TAILQ_FOREACH(kv, &params, next) {
-        size_t n = strlen(kv->value);
-        int64_t v;
-        if (strcmp(kv->key, "created_gte") == 0 || strcmp(kv->key, "created_lt") == 0) {
-            bool gte = kv->key[8] == 'g';
-            if (sim_parse_i64(kv->value, n, true, &v) != 0) {
-                call_bad(c, 400, "%s must be an integer (unix seconds)", kv->key);
-                goto out;
-            }
-            if (gte) {
-                c->has_gte = true;
-                c->gte = v;
-            } else {
-                c->has_lt = true;
-                c->lt = v;
-            }
-        } else if (strcmp(kv->key, "limit") == 0) {
-            if (sim_parse_i64(kv->value, n, false, &v) != 0 || v < 1 || v > LIST_LIMIT_MAX) {
-                call_bad(c, 400, "limit must be an integer in 1..%d", LIST_LIMIT_MAX);
-                goto out;
-            }
-            c->limit = (int)v;
-        } else if (strcmp(kv->key, "starting_after") == 0) {
-            if (sim_parse_id(kv->value, n, &c->after_seq) != 0) {
-                call_bad(c, 400, "starting_after must be a payment id (psp_...)");
-                goto out;
-            }
-            c->has_after = true;
-        }
-    }
-    rc = 0;
-out:
-    evhttp_clear_headers(&params);
-    return rc;
+    if (c->force != FORCE_NONE || c->has_sim_fate)
+        return c->force == FORCE_NONE ? FORCE_SUCCEED : c->force;
+    if (sim_rng_hit(&s->rng, s->faults.decline_rate))
+        return FORCE_DECLINE;
+    if (sim_rng_hit(&s->rng, s->faults.pending_rate))
+        return FORCE_PENDING;
+    return FORCE_SUCCEED;
 }
 
-/* Chooses the fate of a valid call: metadata.sim wins, then the rates of
- * the ops in fault_ops, in this order: blackhole, fail_before, fail_after,
- * drop_after (each drawn only if the previous did not hit). */
-static sim_fate decide_fate(sim_server *s, const sim_call *c)
+void sim_forget_payments(sim_server *s)
 {
-    const sim_faults *f = &s->faults;
-    if (c->bad_status != 0)
-        return FATE_NORMAL;
-    if (c->has_sim_fate)
-        return c->fate;
-    if (!sim_faults_applies(f, c->op))
-        return FATE_NORMAL;
-    if (f->blackhole)
-        return FATE_BLACKHOLE;
-    if (sim_rng_hit(&s->rng, f->fail_before_rate))
-        return FATE_FAIL_BEFORE;
-    if (sim_rng_hit(&s->rng, f->fail_after_rate))
-        return FATE_FAIL_AFTER;
-    if (sim_rng_hit(&s->rng, f->drop_after_rate))
-        return FATE_DROP_AFTER;
-    return FATE_NORMAL;
+    if (s->ops->reset != NULL)
+        s->ops->reset(s);
+    sim_store_clear(s->store);
+    sim_settle_rearm(s);
 }
 
-static bool authorized(const sim_server *s, struct evhttp_request *req)
+/* A request outside /control: the mode routes and parses it, then the
+ * fault table decides its fate and timing. */
+static void dispatch(sim_server *s, struct evhttp_request *req, const char *path, size_t path_len,
+                     const char *query)
 {
-    if (s->token == NULL)
-        return true;
-    const char *h = evhttp_find_header(evhttp_request_get_input_headers(req), "Authorization");
-    if (h == NULL || strncasecmp(h, "Bearer ", 7) != 0)
-        return false;
-    h += 7;
-    size_t n = strlen(h);
-    unsigned char diff = n != s->token_len;
-    for (size_t i = 0; i < s->token_len; i++)
-        diff |= (unsigned char)(s->token[i] ^ (i < n ? h[i] : 0));
-    return diff == 0;
-}
-
-/* ---- /v1 -------------------------------------------------------------- */
-
-#define PAYMENTS_PATH "/v1/payments"
-
-static void handle_v1(sim_server *s, struct evhttp_request *req, const char *path, size_t path_len,
-                      const char *query)
-{
-    enum evhttp_cmd_type method = evhttp_request_get_command(req);
-    const size_t plen = sizeof(PAYMENTS_PATH) - 1;
     sim_call call;
-    enum evhttp_cmd_type want;
-
-    call_init(&call);
-    if (path_len < plen || memcmp(path, PAYMENTS_PATH, plen) != 0) {
-        reply_error(s, req, 404, "not_found", "no such endpoint");
+    sim_call_init(&call);
+    s->nhdrs = 0;
+    s->content_type = NULL;
+    if (s->ops->route(s, req, path, path_len, query, &call) != 0) {
+        call_free(&call);
         return;
     }
-    if (path_len == plen) {
-        call.op = method == EVHTTP_REQ_GET ? SIM_OP_LIST : SIM_OP_CREATE;
-        want = method == EVHTTP_REQ_GET ? EVHTTP_REQ_GET : EVHTTP_REQ_POST;
-    } else if (path[plen] == '/') {
-        const char *seg = path + plen + 1;
-        const char *end = path + path_len;
-        const char *slash = memchr(seg, '/', (size_t)(end - seg));
-        const char *tail = slash != NULL ? slash : end;
-        size_t tail_len = (size_t)(end - tail);
-        if (tail_len == 0) {
-            call.op = SIM_OP_GET;
-            want = EVHTTP_REQ_GET;
-        } else if (tail_len == 7 && memcmp(tail, "/cancel", 7) == 0) {
-            call.op = SIM_OP_CANCEL;
-            want = EVHTTP_REQ_POST;
-        } else if (tail_len == 7 && memcmp(tail, "/refund", 7) == 0) {
-            call.op = SIM_OP_REFUND;
-            want = EVHTTP_REQ_POST;
-        } else {
-            reply_error(s, req, 404, "not_found", "no such endpoint");
-            return;
-        }
-        if (decode_segment(seg, (size_t)(tail - seg), call.key, sizeof(call.key), &call.key_len) != 0 ||
-            call.key_len == 0 || !printable_ascii(call.key, call.key_len))
-            call_bad(&call, 400, "the key in the path must be 1..%d printable ASCII characters "
-                                 "(percent-encoded)", SIM_KEY_MAX);
-    } else {
-        reply_error(s, req, 404, "not_found", "no such endpoint");
-        return;
-    }
-    if (method != want) {
-        reply_error(s, req, 405, "method_not_allowed", NULL);
-        return;
-    }
-
-    sim_counters *ctr = sim_store_counters(s->store);
-    ctr->requests[call.op]++;
-    if (s->faults.refuse_connections) {
-        /* The listener is closed; this connection was opened before. */
-        ctr->refused++;
-        hold(s, req, NULL, HOLD_DROP, 0);
-        return;
-    }
-    if (!authorized(s, req)) {
-        reply_error(s, req, 401, "unauthorized", "missing or wrong bearer token");
-        return;
-    }
-    if (call.bad_status == 0) {
-        if (call.op == SIM_OP_CREATE)
-            (void)parse_create(&call, req);
-        else if (call.op == SIM_OP_LIST)
-            (void)parse_list(&call, query);
-    }
+    call.token = ++s->next_token;
     call.fate = decide_fate(s, &call);
 
     int64_t delay = call.has_latency
                         ? call.latency_ms
                         : s->faults.latency_ms + (int64_t)sim_rng_upto(&s->rng, (uint64_t)s->faults.jitter_ms);
     if (call.fate == FATE_BLACKHOLE) {
-        ctr->blackholed++;
+        sim_store_counters(s->store)->blackholed++;
         sim_log(SIM_LOG_DEBUG, "fault blackhole op=%s key=\"%s\"", sim_op_name(call.op), call.key);
         hold(s, req, &call, HOLD_BLACKHOLE, 0);
         return;
     }
     if (delay > 0) {
+        if (s->ops->held != NULL && call.bad_status == 0 && call.fate != FATE_RATE_LIMIT &&
+            call.fate != FATE_FAIL_BEFORE)
+            s->ops->held(s, &call);
         hold(s, req, &call, HOLD_DELAY, delay);
         return;
     }
     int code = execute(s, &call);
+    call_free(&call);
     if (code == 0)
         hold(s, req, NULL, HOLD_DROP, 0); /* closing inside this callback is not safe */
     else
-        reply(s, req, code);
+        sim_reply(s, req, code);
 }
 
 /* ---- /control --------------------------------------------------------- */
@@ -986,10 +567,10 @@ static void control_status_body(sim_server *s)
     const uint64_t *sc = sim_store_status_counts(s->store);
 
     sim_store_settle_due(s->store, sim_now_ms());
-    settle_rearm(s);
+    sim_settle_rearm(s);
     sim_buf_reset(b);
     sim_buf_adds(b, "{\"faults\":");
-    sim_faults_json(&s->faults, b);
+    sim_faults_json(&s->faults, s->mode, b);
     sim_buf_adds(b, ",\"counters\":");
     sim_counters_json(sim_store_counters(s->store), b);
     sim_buf_adds(b, ",\"payments\":");
@@ -1001,15 +582,287 @@ static void control_status_body(sim_server *s)
     }
     sim_buf_adds(b, "},\"held_requests\":");
     sim_buf_add_u64(b, s->held_count);
-    sim_buf_addf(b, ",\"port\":%u,\"control_port\":%u,\"accepting\":%s}", s->port, s->ctl_port,
+    sim_buf_addf(b, ",\"port\":%u,\"control_port\":%u,\"accepting\":%s", s->port, s->ctl_port,
                  s->main_sock != NULL ? "true" : "false");
+    if (s->mode != SIM_MODE_GENERIC) {
+        sim_buf_addf(b, ",\"mode\":\"%s\",\"webhooks_pending\":%zu", sim_mode_name(s->mode),
+                     sim_webhooks_pending(s->webhooks));
+    }
+    sim_buf_addc(b, '}');
+}
+
+/* The processor's own id of a payment, as its mode shows it. */
+void sim_processor_id(const sim_server *s, const sim_payment *p, char *out, size_t cap)
+{
+    switch (s->mode) {
+    case SIM_MODE_STRIPE: snprintf(out, cap, "pi_%024llu", (unsigned long long)p->seq); break;
+    case SIM_MODE_ADYEN: snprintf(out, cap, "%016llu", 8800000000000000ULL + (unsigned long long)p->seq); break;
+    case SIM_MODE_GENERIC: snprintf(out, cap, "psp_%0*llu", SIM_ID_DIGITS, (unsigned long long)p->seq); break;
+    }
+}
+
+int sim_parse_processor_id(const sim_server *s, const char *id, size_t n, uint64_t *seq)
+{
+    int64_t v;
+    switch (s->mode) {
+    case SIM_MODE_STRIPE:
+        if (n != 27 || memcmp(id, "pi_", 3) != 0 || sim_parse_i64(id + 3, n - 3, false, &v) != 0)
+            return -1;
+        *seq = (uint64_t)v;
+        return 0;
+    case SIM_MODE_ADYEN:
+        if (n != 16 || sim_parse_i64(id, n, false, &v) != 0 || v <= 8800000000000000LL)
+            return -1;
+        *seq = (uint64_t)(v - 8800000000000000LL);
+        return 0;
+    case SIM_MODE_GENERIC:
+        return sim_parse_id(id, n, seq);
+    }
+    return -1;
+}
+
+/* The payment's key in the mode-independent list: the generic idempotency
+ * key, Stripe's Idempotency-Key (or metadata[gid] without one), Adyen's
+ * merchant reference. NULL for none. */
+static const char *list_key(const sim_server *s, const sim_payment *p, size_t *len)
+{
+    if (s->mode == SIM_MODE_ADYEN) {
+        *len = p->reference_len;
+        return p->has_reference ? p->reference : NULL;
+    }
+    *len = p->key_len;
+    return p->key_len > 0 ? p->key : NULL;
+}
+
+static void list_entry_json(sim_server *s, const sim_payment *p, sim_buf *b)
+{
+    char id[48];
+    size_t klen;
+    const char *key = list_key(s, p, &klen);
+    sim_processor_id(s, p, id, sizeof(id));
+    sim_buf_adds(b, "{\"key\":");
+    if (key != NULL)
+        sim_buf_add_jstr(b, key, klen);
+    else
+        sim_buf_adds(b, "null");
+    sim_buf_addf(b, ",\"processor_id\":\"%s\"", id);
+    if (p->tombstone) {
+        sim_buf_adds(b, ",\"amount\":null,\"currency\":null");
+    } else {
+        sim_buf_adds(b, ",\"amount\":");
+        sim_buf_add_i64(b, p->amount);
+        sim_buf_adds(b, ",\"currency\":");
+        sim_buf_add_jstr(b, p->currency, 3);
+    }
+    sim_buf_addf(b, ",\"status\":\"%s\"", sim_status_name((sim_status)p->status));
+    if (p->status == SIM_ST_DECLINED) {
+        sim_buf_adds(b, ",\"decline_code\":");
+        sim_buf_add_jstr(b, p->decline_code, strlen(p->decline_code));
+    }
+    sim_buf_addf(b, ",\"refunded\":%s,\"created\":", p->refunded ? "true" : "false");
+    sim_buf_add_i64(b, p->created);
+    sim_buf_addc(b, '}');
+}
+
+/* Query of /control/payments and /control/settlement.csv. */
+typedef struct ctl_range {
+    bool has_gte, has_lt, has_after;
+    int64_t gte, lt;
+    uint64_t after_seq;
+    int64_t limit;
+} ctl_range;
+
+static int parse_ctl_range(sim_server *s, const char *query, ctl_range *r, int64_t limit_max, char *err,
+                           size_t errlen)
+{
+    struct evkeyvalq params;
+    struct evkeyval *kv;
+    int rc = -1;
+    memset(r, 0, sizeof(*r));
+    r->limit = limit_max < 100 ? limit_max : 100;
+    TAILQ_INIT(&params);
+    if (query == NULL)
+        return 0;
+    if (evhttp_parse_query_str(query, &params) != 0) {
+        snprintf(err, errlen, "malformed query string");
+        goto out;
+    }
+    TAILQ_FOREACH(kv, &params, next) {
+        size_t n = strlen(kv->value);
+        if (strcmp(kv->key, "created_gte") == 0 || strcmp(kv->key, "created_lt") == 0) {
+            int64_t v;
+            if (sim_parse_i64(kv->value, n, true, &v) != 0) {
+                snprintf(err, errlen, "%s must be an integer (unix seconds)", kv->key);
+                goto out;
+            }
+            if (kv->key[8] == 'g') {
+                r->has_gte = true;
+                r->gte = v;
+            } else {
+                r->has_lt = true;
+                r->lt = v;
+            }
+        } else if (strcmp(kv->key, "limit") == 0) {
+            if (sim_parse_i64(kv->value, n, false, &r->limit) != 0 || r->limit < 1 || r->limit > limit_max) {
+                snprintf(err, errlen, "limit must be an integer in 1..%lld", (long long)limit_max);
+                goto out;
+            }
+        } else if (strcmp(kv->key, "starting_after") == 0) {
+            if (sim_parse_processor_id(s, kv->value, n, &r->after_seq) != 0) {
+                snprintf(err, errlen, "starting_after must be a processor_id of this mode");
+                goto out;
+            }
+            r->has_after = true;
+        } else {
+            snprintf(err, errlen, "unknown parameter %.40s", kv->key);
+            goto out;
+        }
+    }
+    rc = 0;
+out:
+    evhttp_clear_headers(&params);
+    return rc;
+}
+
+/* GET /control/payments: every payment in creation order, in one shape for
+ * every mode, for the invariant checker. */
+static int control_payments(sim_server *s, const char *query, char *err, size_t errlen)
+{
+    ctl_range r;
+    sim_buf *b = &s->body;
+    if (parse_ctl_range(s, query, &r, 1000, err, errlen) != 0)
+        return 400;
+    sim_store_settle_due(s->store, sim_now_ms());
+    sim_settle_rearm(s);
+    size_t i = sim_store_list_start(s->store, r.has_gte, r.gte, r.has_after, r.after_seq);
+    int64_t n = 0;
+    bool more = false;
+    sim_buf_reset(b);
+    sim_buf_addf(b, "{\"mode\":\"%s\",\"data\":[", sim_mode_name(s->mode));
+    for (sim_payment *p; (p = sim_store_at(s->store, i)) != NULL; i++) {
+        if (r.has_lt && p->created >= r.lt)
+            break;
+        if (n == r.limit) {
+            more = true;
+            break;
+        }
+        if (n++ > 0)
+            sim_buf_addc(b, ',');
+        list_entry_json(s, p, b);
+    }
+    sim_buf_adds(b, more ? "],\"has_more\":true}" : "],\"has_more\":false}");
+    return 200;
+}
+
+/* Minor units per major unit (ISO 4217 exponent) for the CSV amounts. */
+static int currency_exponent(const char *cur)
+{
+    static const char *const zero[] = {"BIF", "CLP", "DJF", "GNF", "ISK", "JPY", "KMF", "KRW", "PYG",
+                                       "RWF", "UGX", "VND", "VUV", "XAF", "XOF", "XPF"};
+    static const char *const three[] = {"BHD", "IQD", "JOD", "KWD", "LYD", "OMR", "TND"};
+    for (size_t i = 0; i < SIM_ARRAY_LEN(zero); i++)
+        if (strcmp(cur, zero[i]) == 0)
+            return 0;
+    for (size_t i = 0; i < SIM_ARRAY_LEN(three); i++)
+        if (strcmp(cur, three[i]) == 0)
+            return 3;
+    return 2;
+}
+
+static void csv_amount(sim_buf *b, int64_t minor, const char *cur)
+{
+    int e = currency_exponent(cur);
+    int64_t div = e == 0 ? 1 : e == 2 ? 100 : 1000;
+    sim_buf_add_i64(b, minor / div);
+    if (e > 0)
+        sim_buf_addf(b, ".%0*lld", e, (long long)(minor % div));
+}
+
+/* A CSV field: quoted when it holds a comma, a quote or a line break. */
+static void csv_field(sim_buf *b, const char *v, size_t n)
+{
+    if (memchr(v, ',', n) == NULL && memchr(v, '"', n) == NULL && memchr(v, '\n', n) == NULL &&
+        memchr(v, '\r', n) == NULL) {
+        sim_buf_add(b, v, n);
+        return;
+    }
+    sim_buf_addc(b, '"');
+    for (size_t i = 0; i < n; i++) {
+        if (v[i] == '"')
+            sim_buf_addc(b, '"');
+        sim_buf_addc(b, v[i]);
+    }
+    sim_buf_addc(b, '"');
+}
+
+static void csv_row(sim_server *s, sim_buf *b, const sim_payment *p, const char *type, bool debit)
+{
+    char id[48], when[32];
+    size_t klen;
+    const char *key = list_key(s, p, &klen);
+    time_t t = (time_t)p->created;
+    struct tm tm;
+    gmtime_r(&t, &tm);
+    strftime(when, sizeof(when), "%Y-%m-%d %H:%M:%S", &tm);
+    sim_processor_id(s, p, id, sizeof(id));
+    sim_buf_adds(b, "PspSimCompany,PspSimMerchant,");
+    sim_buf_adds(b, id);
+    sim_buf_addc(b, ',');
+    if (key != NULL)
+        csv_field(b, key, klen);
+    sim_buf_addf(b, ",visa,%s,UTC,%s,%s,%s,", when, type, id, p->currency);
+    if (debit)
+        csv_amount(b, p->amount, p->currency);
+    sim_buf_addc(b, ',');
+    if (!debit)
+        csv_amount(b, p->amount, p->currency);
+    sim_buf_addf(b, ",1,%s,", p->currency);
+    if (debit)
+        csv_amount(b, p->amount, p->currency);
+    sim_buf_addc(b, ',');
+    if (!debit)
+        csv_amount(b, p->amount, p->currency);
+    sim_buf_adds(b, ",0.00,,,,visa,,1\r\n");
+}
+
+/* GET /control/settlement.csv: an Adyen settlement-details-style report of
+ * the succeeded payments (Settled) and refunds (Refunded); fees are zero. */
+static int control_settlement(sim_server *s, const char *query, char *err, size_t errlen)
+{
+    ctl_range r;
+    sim_buf *b = &s->body;
+    if (parse_ctl_range(s, query, &r, 1, err, errlen) != 0 || r.has_after) {
+        if (r.has_after)
+            snprintf(err, errlen, "settlement.csv takes created_gte and created_lt only");
+        return 400;
+    }
+    sim_store_settle_due(s->store, sim_now_ms());
+    sim_settle_rearm(s);
+    sim_buf_reset(b);
+    sim_buf_adds(b, "Company Account,Merchant Account,Psp Reference,Merchant Reference,Payment Method,"
+                    "Creation Date,TimeZone,Type,Modification Reference,Gross Currency,Gross Debit (GC),"
+                    "Gross Credit (GC),Exchange Rate,Net Currency,Net Debit (NC),Net Credit (NC),"
+                    "Commission (NC),Markup (NC),Scheme Fees (NC),Interchange (NC),Payment Method Variant,"
+                    "Modification Merchant Reference,Batch Number\r\n");
+    size_t i = sim_store_list_start(s->store, r.has_gte, r.gte, false, 0);
+    for (sim_payment *p; (p = sim_store_at(s->store, i)) != NULL; i++) {
+        if (r.has_lt && p->created >= r.lt)
+            break;
+        if (p->status != SIM_ST_SUCCEEDED || p->tombstone || (p->flags & SIM_PF_UNCAPTURED))
+            continue;
+        csv_row(s, b, p, "Settled", false);
+        if (p->refunded)
+            csv_row(s, b, p, "Refunded", true);
+    }
+    s->content_type = "text/csv";
+    return 200;
 }
 
 static void faults_log(sim_server *s, const char *what)
 {
     sim_buf b;
     sim_buf_init(&b);
-    sim_faults_json(&s->faults, &b);
+    sim_faults_json(&s->faults, s->mode, &b);
     sim_log(SIM_LOG_INFO, "control %s faults=%s", what, b.data);
     sim_buf_free(&b);
 }
@@ -1037,13 +890,13 @@ static void handle_control(sim_server *s, struct evhttp_request *req, const char
     if (PATH_IS("/control")) {
         if (method == EVHTTP_REQ_GET) {
             control_status_body(s);
-            reply(s, req, 200);
+            sim_reply_now(s, req, 200);
         } else if (method == EVHTTP_REQ_POST) {
             struct evbuffer *in = evhttp_request_get_input_buffer(req);
             size_t len = evbuffer_get_length(in);
             sim_faults next = s->faults;
             bool reseed;
-            if (sim_faults_update(&next, (const char *)evbuffer_pullup(in, -1), len, &reseed, err,
+            if (sim_faults_update(&next, s->mode, (const char *)evbuffer_pullup(in, -1), len, &reseed, err,
                                   sizeof(err)) != 0) {
                 reply_error(s, req, 400, "invalid_request", err);
                 return;
@@ -1055,7 +908,7 @@ static void handle_control(sim_server *s, struct evhttp_request *req, const char
                 return;
             }
             control_status_body(s);
-            reply(s, req, 200);
+            sim_reply_now(s, req, 200);
         } else {
             reply_error(s, req, 405, "method_not_allowed", NULL);
         }
@@ -1068,8 +921,7 @@ static void handle_control(sim_server *s, struct evhttp_request *req, const char
         sim_faults_defaults(&next);
         int rc = apply_faults(s, &next, false);
         if (query_flag(query, "payments")) {
-            sim_store_clear(s->store);
-            settle_rearm(s);
+            sim_forget_payments(s);
             sim_log(SIM_LOG_INFO, "control reset: payments and counters forgotten");
         }
         faults_log(s, "reset");
@@ -1078,7 +930,41 @@ static void handle_control(sim_server *s, struct evhttp_request *req, const char
             return;
         }
         control_status_body(s);
-        reply(s, req, 200);
+        sim_reply_now(s, req, 200);
+    } else if (PATH_IS("/control/payments") || PATH_IS("/control/settlement.csv")) {
+        if (method != EVHTTP_REQ_GET) {
+            reply_error(s, req, 405, "method_not_allowed", NULL);
+            return;
+        }
+        s->nhdrs = 0;
+        s->content_type = NULL;
+        int code = PATH_IS("/control/payments") ? control_payments(s, query, err, sizeof(err))
+                                                : control_settlement(s, query, err, sizeof(err));
+        if (code != 200) {
+            reply_error(s, req, code, "invalid_request", err);
+            return;
+        }
+        sim_reply(s, req, 200);
+    } else if (PATH_IS("/control/webhook")) {
+        if (s->mode == SIM_MODE_GENERIC) {
+            reply_error(s, req, 404, "not_found", "webhooks exist in --mode stripe and adyen only");
+            return;
+        }
+        if (method == EVHTTP_REQ_POST) {
+            struct evbuffer *in = evhttp_request_get_input_buffer(req);
+            size_t len = evbuffer_get_length(in);
+            if (sim_webhooks_configure_json(s->webhooks, (const char *)evbuffer_pullup(in, -1), len, err,
+                                            sizeof(err)) != 0) {
+                reply_error(s, req, 400, "invalid_request", err);
+                return;
+            }
+        } else if (method != EVHTTP_REQ_GET) {
+            reply_error(s, req, 405, "method_not_allowed", NULL);
+            return;
+        }
+        sim_buf_reset(&s->body);
+        sim_webhooks_config_json(s->webhooks, &s->body);
+        sim_reply_now(s, req, 200);
     } else if (PATH_IS("/control/save")) {
         if (method != EVHTTP_REQ_POST) {
             reply_error(s, req, 405, "method_not_allowed", NULL);
@@ -1096,7 +982,7 @@ static void handle_control(sim_server *s, struct evhttp_request *req, const char
         sim_log(SIM_LOG_INFO, "state saved path=%s payments=%zu", s->state_path, sim_store_count(s->store));
         sim_buf_reset(&s->body);
         sim_buf_addf(&s->body, "{\"saved\":true,\"payments\":%zu}", sim_store_count(s->store));
-        reply(s, req, 200);
+        sim_reply_now(s, req, 200);
     } else {
         reply_error(s, req, 404, "not_found", "no such endpoint");
     }
@@ -1127,7 +1013,7 @@ static void main_request_cb(struct evhttp_request *req, void *arg)
     if (is_control_path(path, path_len))
         handle_control(s, req, path, path_len, query);
     else
-        handle_v1(s, req, path, path_len, query);
+        dispatch(s, req, path, path_len, query);
 }
 
 /* evhttp callback of the control listener: /control... only. */
@@ -1152,11 +1038,11 @@ static void settle_cb(evutil_socket_t fd, short what, void *arg)
     (void)what;
     s->settle_armed_ms = -1;
     sim_store_settle_due(s->store, sim_now_ms());
-    settle_rearm(s);
+    sim_settle_rearm(s);
 }
 
 /* Arms the settlement timer for the earliest queued settlement. */
-static void settle_rearm(sim_server *s)
+void sim_settle_rearm(sim_server *s)
 {
     int64_t next = sim_store_next_settle_ms(s->store);
     if (next < 0) {
@@ -1238,7 +1124,7 @@ static int read_token_file(const char *path, char **out)
     while (n > 0 && (buf[n - 1] == '\n' || buf[n - 1] == '\r' || buf[n - 1] == ' ' || buf[n - 1] == '\t'))
         n--;
     buf[n] = '\0';
-    if (n == 0 || !printable_ascii(buf, n)) {
+    if (n == 0 || !sim_printable_ascii(buf, n)) {
         fprintf(stderr, "psp-sim: --token-file %s: empty or not printable ASCII\n", path);
         goto out;
     }
@@ -1256,7 +1142,8 @@ static void usage(FILE *f)
             "usage: psp-sim --port P [--control-port C] [--bind 127.0.0.1]\n"
             "               [--token T | --token-file F] [--state FILE]\n"
             "               [--max-payments N] [--quiet | --verbose]\n"
-            "The test payment processor of PROCESSOR.md; see docs/processor.md.\n");
+            "               [--mode generic|stripe|adyen] [--webhook-url URL] [--webhook-secret S]\n"
+            "The test payment processor; see docs/processor.md.\n");
 }
 
 static int parse_port(const char *s, uint16_t *out)
@@ -1278,6 +1165,9 @@ int main(int argc, char **argv)
         {"token-file", required_argument, NULL, 'T'},
         {"state", required_argument, NULL, 's'},
         {"max-payments", required_argument, NULL, 'm'},
+        {"mode", required_argument, NULL, 'M'},
+        {"webhook-url", required_argument, NULL, 'W'},
+        {"webhook-secret", required_argument, NULL, 'S'},
         {"quiet", no_argument, NULL, 'q'},
         {"verbose", no_argument, NULL, 'v'},
         {"help", no_argument, NULL, 'h'},
@@ -1288,6 +1178,7 @@ int main(int argc, char **argv)
     bool have_port = false;
     uint16_t ctl_port = 0;
     const char *token = NULL, *token_file = NULL;
+    const char *webhook_url = NULL, *webhook_secret = NULL;
     int64_t max_payments = DEFAULT_MAX_PAYMENTS;
     struct event *sig_term = NULL, *sig_int = NULL;
     struct evhttp_bound_socket *ctl_sock;
@@ -1326,6 +1217,20 @@ int main(int argc, char **argv)
                 return 2;
             }
             break;
+        case 'M':
+            if (strcmp(optarg, "generic") == 0) {
+                s->mode = SIM_MODE_GENERIC;
+            } else if (strcmp(optarg, "stripe") == 0) {
+                s->mode = SIM_MODE_STRIPE;
+            } else if (strcmp(optarg, "adyen") == 0) {
+                s->mode = SIM_MODE_ADYEN;
+            } else {
+                fprintf(stderr, "psp-sim: --mode must be generic, stripe or adyen\n");
+                return 2;
+            }
+            break;
+        case 'W': webhook_url = optarg; break;
+        case 'S': webhook_secret = optarg; break;
         case 'q': sim_log_level = 0; break;
         case 'v': sim_log_level = 2; break;
         case 'h': usage(stdout); return 0;
@@ -1334,6 +1239,17 @@ int main(int argc, char **argv)
     }
     if (!have_port || optind != argc) {
         usage(stderr);
+        return 2;
+    }
+    if (s->mode == 0)
+        s->mode = SIM_MODE_GENERIC;
+    s->ops = s->mode == SIM_MODE_STRIPE ? &sim_stripe_ops : s->mode == SIM_MODE_ADYEN ? &sim_adyen_ops : &sim_generic_ops;
+    if (s->mode != SIM_MODE_GENERIC && s->state_path != NULL) {
+        fprintf(stderr, "psp-sim: --state is supported in --mode generic only\n");
+        return 2;
+    }
+    if (s->mode == SIM_MODE_GENERIC && (webhook_url != NULL || webhook_secret != NULL)) {
+        fprintf(stderr, "psp-sim: --webhook-url and --webhook-secret need --mode stripe or adyen\n");
         return 2;
     }
     if (!loopback_address(s->bind_addr)) {
@@ -1347,7 +1263,7 @@ int main(int argc, char **argv)
     }
     if (token != NULL) {
         size_t n = strlen(token);
-        if (n == 0 || n > TOKEN_MAX || !printable_ascii(token, n)) {
+        if (n == 0 || n > TOKEN_MAX || !sim_printable_ascii(token, n)) {
             fprintf(stderr, "psp-sim: --token must be 1..%d printable ASCII characters\n", TOKEN_MAX);
             return 2;
         }
@@ -1379,6 +1295,18 @@ int main(int argc, char **argv)
         fprintf(stderr, "psp-sim: cannot create the event loop\n");
         goto out;
     }
+    if (s->mode != SIM_MODE_GENERIC) {
+        s->webhooks = sim_webhooks_new(s);
+        if (sim_webhooks_configure(s->webhooks, webhook_url, webhook_secret, err, sizeof(err)) != 0) {
+            fprintf(stderr, "psp-sim: %s\n", err);
+            rc = 2;
+            goto out;
+        }
+        if (s->mode == SIM_MODE_STRIPE)
+            sim_stripe_init(s);
+        else
+            sim_adyen_init(s);
+    }
     s->settle_ev = evtimer_new(s->base, settle_cb, s);
     sig_term = evsignal_new(s->base, SIGTERM, signal_cb, s);
     sig_int = evsignal_new(s->base, SIGINT, signal_cb, s);
@@ -1406,10 +1334,10 @@ int main(int argc, char **argv)
         goto out;
     }
     s->ctl_port = bound_port(ctl_sock);
-    settle_rearm(s);
+    sim_settle_rearm(s);
 
-    sim_log(SIM_LOG_INFO, "listening bind=%s port=%u control_port=%u auth=%s state=%s payments=%zu",
-            s->bind_addr, s->port, s->ctl_port, s->token != NULL ? "bearer" : "none",
+    sim_log(SIM_LOG_INFO, "listening mode=%s bind=%s port=%u control_port=%u auth=%s state=%s payments=%zu",
+            sim_mode_name(s->mode), s->bind_addr, s->port, s->ctl_port, s->token != NULL ? "bearer" : "none",
             s->state_path != NULL ? s->state_path : "-", sim_store_count(s->store));
     printf("psp-sim listening port=%u control_port=%u\n", s->port, s->ctl_port);
     fflush(stdout);
@@ -1433,6 +1361,9 @@ out:
      * servers, which free every connection and the requests on them. */
     while (s->held != NULL)
         held_release(s->held);
+    sim_webhooks_free(s->webhooks);
+    if (s->ops != NULL && s->ops->destroy != NULL)
+        s->ops->destroy(s);
     if (s->http_main != NULL)
         evhttp_free(s->http_main);
     if (s->http_ctl != NULL)

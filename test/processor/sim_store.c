@@ -39,6 +39,8 @@ struct sim_store {
     int64_t last_created;
     sim_counters counters;
     uint64_t status_counts[SIM_ST__COUNT];
+    sim_status_hook hook;
+    void *hook_arg;
 };
 
 static const char *const status_names[SIM_ST__COUNT] = {
@@ -82,6 +84,16 @@ static const struct {
     {"tombstones", offsetof(sim_counters, tombstones)},
     {"tombstone_hits", offsetof(sim_counters, tombstone_hits)},
     {"refunds", offsetof(sim_counters, refunds)},
+    {"rate_limited", offsetof(sim_counters, rate_limited)},
+    {"keys_in_use", offsetof(sim_counters, keys_in_use)},
+    {"keys_pruned", offsetof(sim_counters, keys_pruned)},
+    {"cancels_received", offsetof(sim_counters, cancels_received)},
+    {"webhooks_queued", offsetof(sim_counters, webhooks_queued)},
+    {"webhooks_delivered", offsetof(sim_counters, webhooks_delivered)},
+    {"webhooks_failed", offsetof(sim_counters, webhooks_failed)},
+    {"webhooks_given_up", offsetof(sim_counters, webhooks_given_up)},
+    {"webhooks_dropped", offsetof(sim_counters, webhooks_dropped)},
+    {"webhooks_forged", offsetof(sim_counters, webhooks_forged)},
 };
 
 static uint64_t *counter_at(sim_counters *c, size_t off)
@@ -149,6 +161,25 @@ sim_counters *sim_store_counters(sim_store *st)
 const uint64_t *sim_store_status_counts(const sim_store *st)
 {
     return st->status_counts;
+}
+
+void sim_store_set_hook(sim_store *st, sim_status_hook hook, void *arg)
+{
+    st->hook = hook;
+    st->hook_arg = arg;
+}
+
+sim_payment *sim_store_find_seq(sim_store *st, uint64_t seq)
+{
+    size_t lo = 0, hi = st->count;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (st->order[mid]->seq < seq)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo < st->count && st->order[lo]->seq == seq ? st->order[lo] : NULL;
 }
 
 sim_payment *sim_store_find(sim_store *st, const char *key, size_t key_len)
@@ -238,10 +269,13 @@ int sim_store_insert(sim_store *st, const sim_new_payment *np, sim_payment **out
 {
     if (st->count >= st->max_payments)
         return -1;
-    int64_t created = sim_now_ms() / 1000;
+    int64_t now = sim_now_ms();
+    int64_t created = now / 1000;
     if (created < st->last_created)
         created = st->last_created; /* the wall clock stepped back: keep the order */
     *out = insert_raw(st, np, st->next_seq, created);
+    (*out)->created_ms = now;
+    (*out)->changed_ms = now;
     return 0;
 }
 
@@ -255,7 +289,12 @@ void sim_store_set_status(sim_store *st, sim_payment *p, sim_status to, const ch
     }
     st->status_counts[from]--;
     st->status_counts[to]++;
+    p->prev_status = (uint8_t)from;
     p->status = (uint8_t)to;
+    if (st->hook != NULL) {
+        p->changed_ms = sim_now_ms();
+        st->hook(st->hook_arg, p, (int)from, why);
+    }
     switch (to) {
     case SIM_ST_SUCCEEDED: st->counters.succeeded++; break;
     case SIM_ST_DECLINED: st->counters.declined++; break;
@@ -639,6 +678,9 @@ static int load_record(sim_store *st, const cJSON *o, char *err, size_t errlen)
     st->status_counts[SIM_ST_NONE]--;
     st->status_counts[st_code]++;
     p->status = (uint8_t)st_code;
+    p->prev_status = (uint8_t)st_code;
+    p->created_ms = created * 1000;
+    p->changed_ms = created * 1000;
     p->refunded = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(o, "refunded"));
     const char *dc = jstr(o, st_code == SIM_ST_PENDING ? "settle_decline_code" : "decline_code");
     if (dc != NULL)

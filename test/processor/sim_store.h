@@ -51,7 +51,25 @@ typedef struct sim_counters {
     uint64_t tombstones;    /* cancels of unknown keys */
     uint64_t tombstone_hits; /* creates answered by a tombstone */
     uint64_t refunds;       /* payments marked refunded */
+    uint64_t rate_limited;  /* 429 answers (rate_limit fault) */
+    uint64_t keys_in_use;   /* stripe 409 idempotency_key_in_use, adyen 422 in progress */
+    uint64_t keys_pruned;   /* idempotency keys forgotten after key_retention_ms */
+    uint64_t cancels_received; /* adyen /cancels accepted ("received") */
+    uint64_t webhooks_queued;    /* events queued for delivery (copies included) */
+    uint64_t webhooks_delivered; /* deliveries the receiver accepted */
+    uint64_t webhooks_failed;    /* delivery attempts that failed (retried or not) */
+    uint64_t webhooks_given_up;  /* events dropped after webhook_max_attempts */
+    uint64_t webhooks_dropped;   /* events never sent (webhook_drop_rate) */
+    uint64_t webhooks_forged;    /* extra copies sent with a wrong signature */
 } sim_counters;
+
+/* sim_payment.flags: details the Stripe and Adyen modes keep per payment. */
+#define SIM_PF_UNCAPTURED 0x01 /* stripe capture_method=manual: authorised, requires_capture */
+#define SIM_PF_ACTION 0x02     /* stripe: pending as requires_action (not processing) */
+#define SIM_PF_RECEIVED 0x04   /* adyen: pending answered "Received" (not "Pending") */
+#define SIM_PF_ERROR 0x08      /* adyen: declined with resultCode "Error" */
+#define SIM_PF_NO_KEY 0x10     /* stripe: created without an Idempotency-Key header */
+
 
 #define SIM_ID_DIGITS 12
 #define SIM_ID_LEN (4 + SIM_ID_DIGITS) /* "psp_" + digits */
@@ -61,9 +79,13 @@ typedef struct sim_payment {
     int64_t amount;
     int64_t created;       /* unix seconds */
     int64_t settle_at_ms;  /* pending: wall-clock ms at which it settles */
+    int64_t created_ms;    /* wall-clock ms of the create */
+    int64_t changed_ms;    /* wall-clock ms of the last status change */
     uint64_t hash;
     uint8_t status;        /* sim_status */
     uint8_t settle_status; /* pending: SIM_ST_SUCCEEDED or SIM_ST_DECLINED */
+    uint8_t prev_status;   /* the status before the last change (search lag) */
+    uint8_t flags;         /* SIM_PF_*: mode-specific details */
     bool refunded;
     bool tombstone;        /* canceled before any create: amount/currency/account are null */
     bool has_reference;
@@ -94,6 +116,9 @@ typedef struct sim_new_payment {
 
 typedef struct sim_store sim_store;
 
+/* Called after every status change (not for the restore of a state file). */
+typedef void (*sim_status_hook)(void *arg, sim_payment *p, int from, const char *why);
+
 sim_store *sim_store_new(size_t max_payments);
 void sim_store_free(sim_store *st);
 
@@ -107,6 +132,11 @@ sim_counters *sim_store_counters(sim_store *st);
 const uint64_t *sim_store_status_counts(const sim_store *st);
 
 sim_payment *sim_store_find(sim_store *st, const char *key, size_t key_len);
+/* The record with this id counter, or NULL (binary search over creation order). */
+sim_payment *sim_store_find_seq(sim_store *st, uint64_t seq);
+
+/* Installs the status-change hook (NULL to remove). */
+void sim_store_set_hook(sim_store *st, sim_status_hook hook, void *arg);
 
 /* Appends a record in SIM_ST_NONE with the next id; the caller must give it a
  * status right away. Returns -1 (and makes nothing) when the store holds
@@ -144,7 +174,7 @@ sim_payment *sim_store_at(const sim_store *st, size_t i);
 /* Parses "psp_" + digits into its counter; returns -1 when malformed. */
 int sim_parse_id(const char *s, size_t n, uint64_t *seq) SIM_MUSTCHECK;
 
-/* The payment object of PROCESSOR.md. */
+/* The payment object of the generic contract (docs/processor.md). */
 void sim_payment_json(const sim_payment *p, sim_buf *b);
 void sim_counters_json(const sim_counters *c, sim_buf *b);
 

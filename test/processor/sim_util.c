@@ -19,6 +19,16 @@ static const char *const op_names[SIM_OP__COUNT] = {
     [SIM_OP_LIST] = "list",
 };
 
+const char *sim_mode_name(sim_mode m)
+{
+    switch (m) {
+    case SIM_MODE_GENERIC: return "generic";
+    case SIM_MODE_STRIPE: return "stripe";
+    case SIM_MODE_ADYEN: return "adyen";
+    }
+    return "?";
+}
+
 const char *sim_op_name(sim_op op)
 {
     return (unsigned)op < SIM_OP__COUNT ? op_names[op] : "?";

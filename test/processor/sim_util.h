@@ -13,7 +13,7 @@
 #define SIM_PRINTF(fmt, args) __attribute__((format(printf, fmt, args)))
 #define SIM_ARRAY_LEN(a) (sizeof(a) / sizeof((a)[0]))
 
-/* Input caps (PROCESSOR.md keys are printable ASCII up to 255 chars). */
+/* Input caps (generic keys are printable ASCII up to 255 chars). */
 #define SIM_KEY_MAX 255
 #define SIM_ACCOUNT_MAX 255
 #define SIM_REFERENCE_MAX 1024
@@ -31,6 +31,17 @@ typedef enum {
     SIM_OP_LIST,
     SIM_OP__COUNT
 } sim_op;
+
+/* The API psp-sim speaks (--mode); also bit masks in the faults table. */
+typedef enum {
+    SIM_MODE_GENERIC = 1,
+    SIM_MODE_STRIPE = 2,
+    SIM_MODE_ADYEN = 4
+} sim_mode;
+#define SIM_MODE_ALL (SIM_MODE_GENERIC | SIM_MODE_STRIPE | SIM_MODE_ADYEN)
+#define SIM_MODE_PSPS (SIM_MODE_STRIPE | SIM_MODE_ADYEN)
+
+const char *sim_mode_name(sim_mode m);
 
 const char *sim_op_name(sim_op op);
 /* Returns the op for a name, or -1. */

@@ -1,4 +1,4 @@
-"""psp-sim against PROCESSOR.md and the fault-injection contract in
+"""psp-sim against the generic contract and the fault-injection contract in
 docs/processor.md. Every test runs its own psp-sim (see conftest.py)."""
 
 import errno
@@ -311,7 +311,7 @@ def test_control_shape_and_validation(sim):
         "latency_ms": 0, "jitter_ms": 0, "decline_rate": 0, "pending_rate": 0, "settle_ms": 1000,
         "settle_status": "succeeded", "fail_before_rate": 0, "fail_after_rate": 0, "drop_after_rate": 0,
         "blackhole": False, "refuse_connections": False, "cancel_unsupported": False,
-        "fault_ops": ["create"], "seed": c["faults"]["seed"]}
+        "fault_ops": ["create"], "seed": c["faults"]["seed"], "rate_limit_rate": 0, "retry_after_s": 1}
     assert set(c["counters"]["requests"]) == {"create", "get", "cancel", "refund", "list"}
     for k in ("processed_creates", "succeeded", "declined", "pending", "canceled", "failed_before",
               "failed_after", "dropped_after", "blackholed"):
@@ -727,3 +727,58 @@ def test_ready_line_is_the_only_stdout(tmp_path):
         p.terminate()
         out, _ = p.communicate(timeout=10)
     assert p.returncode == 0 and out == b""
+
+
+# ---- mode-independent control endpoints ---------------------------------
+
+def test_control_payments_matches_the_contract_list(sim):
+    sim.create("cp-1")
+    sim.create("cp-2", metadata={"sim": "decline"})
+    sim.cancel("cp-3")
+    sim.refund("cp-1")
+    st, page, _ = sim.request("GET", "/control/payments", port=sim.control_port)
+    assert st == 200 and page["mode"] == "generic" and page["has_more"] is False
+    listed = sim.list(limit=1000)[1]["data"]
+    projected = [{k: v for k, v in {
+        "key": p["idempotency_key"], "processor_id": p["id"], "amount": p["amount"], "currency": p["currency"],
+        "status": p["status"], "decline_code": p.get("decline_code"), "refunded": p.get("refunded", False),
+        "created": p["created"]}.items() if not (k == "decline_code" and v is None)} for p in listed]
+    assert page["data"] == projected
+    st, body, _ = sim.request("GET", "/control/payments?limit=0", port=sim.control_port)
+    assert st == 400
+    st, body, _ = sim.request("GET", "/control/payments?starting_after=pi_1", port=sim.control_port)
+    assert st == 400
+
+
+def test_rate_limit_in_generic_mode(sim):
+    sim.control({"rate_limit_rate": 1, "retry_after_s": 2})
+    conn = http.client.HTTPConnection("127.0.0.1", sim.port, timeout=5)
+    body = json.dumps({"idempotency_key": "rl", "amount": 1, "currency": "EUR", "account": "a"})
+    conn.request("POST", "/v1/payments", body=body, headers={"Idempotency-Key": "rl"})
+    r = conn.getresponse()
+    data = json.loads(r.read())
+    conn.close()
+    assert r.status == 429 and r.getheader("Retry-After") == "2" and data["error"]["code"] == "rate_limited"
+    assert sim.control()["payments"] == 0 and sim.counters()["rate_limited"] == 1
+    st, p, _ = sim.create("rl2", metadata={"sim": "rate_limit"})
+    assert st == 429
+
+
+def test_mode_options():
+    for args in (["--mode", "paypal"], ["--mode", "stripe", "--state", "/tmp/x"],
+                 ["--webhook-url", "http://127.0.0.1:1/x"],
+                 ["--mode", "stripe", "--webhook-url", "http://192.168.1.1:80/x"],
+                 ["--mode", "adyen", "--webhook-secret", "nothex"]):
+        p = subprocess.run([sim_binary(), "--port", "0"] + args, capture_output=True, timeout=10)
+        assert p.returncode == 2, (args, p.stderr)
+
+
+def test_mode_specific_faults_are_refused_elsewhere(make_sim):
+    sim = make_sim()
+    for f in ({"search_lag_ms": 1}, {"webhook_drop_rate": 0.5}, {"adyen_autocapture": True}):
+        st, body, _ = sim.request("POST", "/control", f, port=sim.control_port)
+        assert st == 400 and "does not apply" in body["error"]["message"]
+    stripe = make_sim(args=["--mode", "stripe"])
+    assert "search_lag_ms" in stripe.control()["faults"] and "cancel_unsupported" not in stripe.control()["faults"]
+    st, _, _ = stripe.request("POST", "/control", {"adyen_autocapture": True}, port=stripe.control_port)
+    assert st == 400
