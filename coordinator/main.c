@@ -105,7 +105,7 @@ void failpoint(const char *name, const char *key)
 static void usage(FILE *out)
 {
     fprintf(out, "usage: paycoord --config FILE [--check-config]\n"
-                 "       paycoord --version | --config-reference\n");
+                 "       paycoord --version | --config-reference | --config-sample\n");
 }
 
 /* The token file must exist and be readable by nobody but its owner/group. */
@@ -210,6 +210,7 @@ int main(int argc, char **argv)
         { "check-config", no_argument, NULL, 'k' },
         { "version", no_argument, NULL, 'V' },
         { "config-reference", no_argument, NULL, 'R' },
+        { "config-sample", no_argument, NULL, 'S' },
         { "help", no_argument, NULL, 'h' },
         { NULL, 0, NULL, 0 },
     };
@@ -222,6 +223,7 @@ int main(int argc, char **argv)
         case 'k': check_only = true; break;
         case 'V': printf("paycoord %s (protocol %d)\n", PAYCOORD_VERSION, PROTO_VERSION); return 0;
         case 'R': config_print_reference(stdout); return 0;
+        case 'S': config_print_sample(stdout); return 0;
         case 'h': usage(stdout); return 0;
         default: usage(stderr); return 2;
         }
