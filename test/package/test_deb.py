@@ -266,8 +266,13 @@ def serve_and_pay(work, harness):
     daemon = None
     try:
         pg.start()
-        # paycoord-migrate, installed, as the daemon's user.
-        conninfo = pg.conninfo
+        # As docs/operations.md sets up a local PostgreSQL: a role named like the
+        # daemon's user owns the database; migrations and daemon connect as it
+        # (no user= in the conninfo: libpq takes the OS user's name).
+        with pg.connect() as c:
+            c.execute("CREATE ROLE paycoord LOGIN")
+            c.execute("ALTER DATABASE paycoord OWNER TO paycoord")
+        conninfo = f"host={pg.sock} dbname=paycoord"
         r = as_paycoord(["paycoord-migrate", conninfo])
         assert r.returncode == 0, r.stderr
         sqls = sorted(f[:-4] for f in os.listdir("/usr/share/paycoord/sql"))
@@ -276,7 +281,10 @@ def serve_and_pay(work, harness):
         r = as_paycoord(["paycoord-migrate", conninfo])
         assert r.returncode == 0 and r.stdout.strip() == "migrate: done (0 applied)", r.stdout + r.stderr
         assert [v for (v,) in pg.query("SELECT version FROM schema_migrations ORDER BY 1")] == sqls
-        say(f"paycoord-migrate as paycoord: applied {', '.join(sqls)}; a second run applied nothing")
+        owners = pg.query("SELECT DISTINCT tableowner FROM pg_tables WHERE schemaname = 'public'")
+        assert owners == [("paycoord",)], f"tables owned by {owners}, want the daemon's role"
+        say(f"paycoord-migrate as paycoord: applied {', '.join(sqls)} (tables owned by role paycoord); "
+            "a second run applied nothing")
 
         psp.start()
         # The shipped configuration, before anything is set up: the token is missing.
