@@ -81,7 +81,7 @@ static void startup_cb(evutil_socket_t fd, short what, void *arg)
 static void usage(FILE *out)
 {
     fprintf(out, "usage: paycoord --config FILE [--check-config]\n"
-                 "       paycoord --version | --config-reference\n");
+                 "       paycoord --version | --config-reference | --config-sample\n");
 }
 
 /* The token file must exist and be readable by nobody but its owner/group. */
@@ -214,6 +214,7 @@ int main(int argc, char **argv)
         { "check-config", no_argument, NULL, 'k' },
         { "version", no_argument, NULL, 'V' },
         { "config-reference", no_argument, NULL, 'R' },
+        { "config-sample", no_argument, NULL, 'S' },
         { "help", no_argument, NULL, 'h' },
         { NULL, 0, NULL, 0 },
     };
@@ -226,6 +227,7 @@ int main(int argc, char **argv)
         case 'k': check_only = true; break;
         case 'V': printf("paycoord %s (protocol %d)\n", PAYCOORD_VERSION, PROTO_VERSION); return 0;
         case 'R': config_print_reference(stdout); return 0;
+        case 'S': config_print_sample(stdout); return 0;
         case 'h': usage(stdout); return 0;
         default: usage(stderr); return 2;
         }

@@ -4,8 +4,20 @@
 # Each migration runs in one transaction together with its record in
 # schema_migrations, under an advisory lock, so a failed migration leaves
 # nothing half-applied, concurrent runs serialise, and a second run is a no-op.
+# Installed as paycoord-migrate(1), reading DATADIR/paycoord/sql; the
+# environment variable PAYCOORD_SQL_DIR names another directory.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
+# The one line the installed copy differs in (dist/CMakeLists.txt rewrites it):
+sql_dir=${PAYCOORD_SQL_DIR:-$here}
+case ${1:-} in
+    -h|--help) echo "usage: ${0##*/} [CONNINFO]   (default: the libpq environment, PGHOST, PGDATABASE, ...)"
+               echo "applies $sql_dir/NNN_*.sql that the database has not recorded in schema_migrations"
+               exit 0 ;;
+esac
+shopt -s nullglob
+files=("$sql_dir"/[0-9][0-9][0-9]_*.sql)
+[ ${#files[@]} -gt 0 ] || { echo "migrate: no NNN_*.sql files in $sql_dir" >&2; exit 1; }
 conn=${1:-}
 psql_bin=$(command -v psql || echo /usr/lib/postgresql/15/bin/psql)
 run_psql() {
@@ -16,7 +28,7 @@ run_psql -c "CREATE TABLE IF NOT EXISTS schema_migrations (
     version text PRIMARY KEY,
     applied_at timestamptz NOT NULL DEFAULT now())" 2>&1 | grep -v 'already exists' || true
 applied=0
-for f in "$here"/[0-9][0-9][0-9]_*.sql; do
+for f in "${files[@]}"; do
     v=$(basename "$f" .sql)
     out=$(run_psql --single-transaction -tA <<SQL
 SELECT pg_advisory_xact_lock(7357001);

@@ -4,8 +4,13 @@
 # build: configure, build (warnings are errors when CI=true), and run every
 # test through ctest (unit tests, the test processor's tests, the pytest
 # integration suite against real PostgreSQL, the test processor and the daemon).
-#   test/run-tests.sh            both builds
+# Then, once, the package stage (test/package/test_deb.py): build the Debian
+# package, install it, run the installed daemon, purge it. It needs root and
+# a machine without a paycoord package of its own; otherwise it says why it
+# is skipped.
+#   test/run-tests.sh            both builds, then the package stage
 #   PC_TEST_BUILDS=plain test/run-tests.sh   only the plain build
+#   PC_TEST_PACKAGE=0 test/run-tests.sh      without the package stage
 set -euo pipefail
 src=$(cd "$(dirname "$0")/.." && pwd)
 "$src/.ci/install-deps"
@@ -35,3 +40,13 @@ for b in $builds; do
     [ "$rc" -eq 0 ] || { echo "=== $b build: FAILED"; exit "$rc"; }
 done
 echo "=== all test builds passed: $builds"
+if [ "${PC_TEST_PACKAGE:-1}" = 0 ]; then
+    echo "=== package stage SKIPPED: PC_TEST_PACKAGE=0"
+else
+    echo "=== package stage"
+    plain="$src/build-test-plain"
+    # The test processor, and a daemon with fail points to show the packaged one has none.
+    [ -x "$plain/test/processor/psp-sim" ] && export PSP_SIM="$plain/test/processor/psp-sim"
+    [ -x "$plain/coordinator/paycoord" ] && export PAYCOORD_BIN="$plain/coordinator/paycoord"
+    /usr/bin/python3 "$src/test/package/test_deb.py"
+fi

@@ -93,5 +93,8 @@ void config_free(pc_config *cfg);
 void config_apply_reloadable(pc_config *dst, const pc_config *src);
 /* The reference page (markdown) for docs/config.md. */
 void config_print_reference(FILE *out);
+/* The shipped configuration file: every setting commented out, with its
+ * meaning and default (`paycoord --config-sample`, installed as paycoord.conf). */
+void config_print_sample(FILE *out);
 
 #endif
