@@ -148,6 +148,9 @@ static const stat_def defs[] = {
     { "alerts", false, "paycoord_alerts_total", "", "counter",
       "Log lines with alert= from the payment path and recovery (each needs a person: see docs/operations.md).",
       S(alerts) },
+    { "anomalies", false, "paycoord_anomalies_total", "", "counter",
+      "The database and the processor disagreed (money may have moved without a matching debit, or the reverse); "
+      "each gid is flagged for review.", S(anomalies) },
     { "clients.connected", false, "paycoord_clients_connected", "", "gauge", "Connected socket clients.",
       F(v_clients) },
     { "clients.accepted", false, "paycoord_clients_total", "result=\"accepted\"", "counter",

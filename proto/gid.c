@@ -75,10 +75,20 @@ void gid_uuid_format(const unsigned char bytes[16], char out[UUID_TEXT_LEN + 1])
     out[k] = '\0';
 }
 
+static void (*uuid_source)(unsigned char bytes[16]);
+
+void gid_set_uuid_source(void (*fill)(unsigned char bytes[16])) { uuid_source = fill; }
+
 void gid_new_uuid(char out[UUID_TEXT_LEN + 1])
 {
     uuid_t u;
-    uuid_generate_random(u);
+    if (uuid_source) {
+        uuid_source(u);
+        u[6] = (unsigned char)((u[6] & 0x0f) | 0x40);     /* version 4 */
+        u[8] = (unsigned char)((u[8] & 0x3f) | 0x80);     /* RFC 4122 variant */
+    } else {
+        uuid_generate_random(u);
+    }
     gid_uuid_format(u, out);
 }
 

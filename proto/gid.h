@@ -38,6 +38,9 @@ size_t gid_prefix(const char *node, char *out, size_t outlen);
 
 /* A fresh random (version 4) uuid, lower-case canonical text. */
 void gid_new_uuid(char out[UUID_TEXT_LEN + 1]);
+/* Replace the source of fresh uuids (a simulation makes them from its seed);
+ * NULL restores libuuid's random ones. */
+void gid_set_uuid_source(void (*fill)(unsigned char bytes[16]));
 /* Canonical uuid text (8-4-4-4-12 hex, either case accepted, lower-case written). */
 bool gid_uuid_parse(const char *s, unsigned char bytes[16]);
 void gid_uuid_format(const unsigned char bytes[16], char out[UUID_TEXT_LEN + 1]);

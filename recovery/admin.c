@@ -91,20 +91,23 @@ typedef struct resolve_ctx {
     pc_request *r;
     int64_t resolution_id;
     bool claimed;
+    bool already;                    /* it was settled as asked before this resolve acted */
     const char *outcome;
 } resolve_ctx;
 
-static void resolve_free(resolve_ctx *x)
+/* Release the gid, before the request is answered (answering frees it). */
+static void resolve_release(resolve_ctx *x)
 {
     if (x->claimed)
         owner_release(x->r->req.gid, OWNER_RESOLVE);
-    free(x);
+    x->claimed = false;
 }
 
 static void resolve_fail(resolve_ctx *x, proto_err code, const char *msg)
 {
+    resolve_release(x);
     req_reply_err(x->r, code, "%s", msg);
-    resolve_free(x);
+    free(x);
 }
 
 static void end_cb(st_status st, void *arg)
@@ -116,10 +119,13 @@ static void end_cb(st_status st, void *arg)
                   (long long)x->resolution_id);
         D->stats.alerts++;
     }
+    resolve_release(x);
     if (!strcmp(x->outcome, "committed") || !strcmp(x->outcome, "rolled_back")) {
         cJSON *o = cJSON_CreateObject();
         cJSON_AddStringToObject(o, "gid", q->gid);
         cJSON_AddStringToObject(o, "outcome", x->outcome);
+        if (x->already)
+            cJSON_AddBoolToObject(o, "already", true);
         req_reply_ok(x->r, o);
     } else if (!strcmp(x->outcome, "not_found")) {
         req_reply_err(x->r, PROTO_ERR_NOT_FOUND, "no prepared transaction %s (settled already?)", q->gid);
@@ -128,7 +134,34 @@ static void end_cb(st_status st, void *arg)
                       "%s PREPARED failed (outcome unknown); check `prepared` before retrying",
                       q->action == PROTO_ACTION_COMMIT ? "COMMIT" : "ROLLBACK");
     }
-    resolve_free(x);
+    free(x);
+}
+
+static void record_end(resolve_ctx *x, bool settled)
+{
+    const proto_request *q = &x->r->req;
+    if (settled) {
+        log_notice("resolve gid=%s event=%s uid=%u resolution_id=%lld reason=\"%s\"", q->gid, x->outcome,
+                   (unsigned)x->r->uid, (long long)x->resolution_id, q->reason);
+        rec_forgotten(q->gid);
+    }
+    if (store_resolve_end(x->resolution_id, q->gid, x->outcome, settled,
+                          settled && q->action == PROTO_ACTION_ROLLBACK, end_cb, x) != STORE_QUEUED)
+        end_cb(ST_NOT_SENT, x);
+}
+
+/* "No such prepared transaction": settled already, maybe by this very
+ * resolve whose answer was lost. When the facts are what was asked for, the
+ * request is done (the audit row, review flag and payment row are brought up
+ * to date); otherwise it is not_found. */
+static void gone_cb(const store_facts *f, void *arg)
+{
+    resolve_ctx *x = arg;
+    bool commit = x->r->req.action == PROTO_ACTION_COMMIT;
+    bool as_asked = f->st == ST_OK && !f->prepared && (commit ? f->debited : (f->row && !f->debited));
+    x->outcome = as_asked ? (commit ? "committed" : "rolled_back") : "not_found";
+    x->already = as_asked;
+    record_end(x, as_asked);
 }
 
 static void finish_cb(const store_p2 *res, void *arg)
@@ -137,15 +170,14 @@ static void finish_cb(const store_p2 *res, void *arg)
     const proto_request *q = &x->r->req;
     bool commit = q->action == PROTO_ACTION_COMMIT;
     bool settled = res->outcome == P2_DONE;
-    x->outcome = settled ? (commit ? "committed" : "rolled_back") : res->outcome == P2_GONE ? "not_found" : "unknown";
-    if (settled) {
-        log_notice("resolve gid=%s event=%s uid=%u resolution_id=%lld reason=\"%s\"", q->gid, x->outcome,
-                   (unsigned)x->r->uid, (long long)x->resolution_id, q->reason);
-        rec_forgotten(q->gid);
+    if (res->outcome == P2_GONE) {
+        char pid[UUID_TEXT_LEN + 1] = "";
+        (void)gid_parse(q->gid, NULL, pid);
+        if (store_get_facts(CH_REC, pid, q->gid, NULL, gone_cb, x) == STORE_QUEUED)
+            return;
     }
-    if (store_resolve_end(x->resolution_id, q->gid, x->outcome, settled, settled && !commit, end_cb, x) !=
-        STORE_QUEUED)
-        end_cb(ST_NOT_SENT, x);
+    x->outcome = settled ? (commit ? "committed" : "rolled_back") : res->outcome == P2_GONE ? "not_found" : "unknown";
+    record_end(x, settled);
 }
 
 static void begin_cb(st_status st, int64_t resolution_id, void *arg)

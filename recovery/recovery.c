@@ -81,6 +81,7 @@ typedef struct rec_item {
     bool due;                        /* its backoff had passed: an undecided answer counts */
     bool claimed;
     int64_t age_ms;
+    int64_t since_deadline_ms;
     int attempts;
     char processor_ref[128];
     char decline_code[64];
@@ -136,6 +137,9 @@ void rec_forgotten(const char *gid)
 }
 
 static void alert(void) { D->stats.alerts++; }
+
+/* flag_review() counts an alert; an anomaly counts once more. */
+static void anomaly(void) { D->stats.anomalies++; }
 
 /* ---------------------------------------------------------------- leave / review */
 
@@ -323,6 +327,7 @@ static void settle_cb(const store_settled *res, void *arg)
     if (!strcmp(res->status, "succeeded")) {
         log_error("recovery gid=%s event=settled_against_decision wanted=rollback found=committed alert=reconcile",
                   it->gid);
+        anomaly();
         flag_review(it, "debit committed although the processor declined: refund the account by hand");
         item_done(it);
         return;
@@ -369,6 +374,7 @@ static void check_cb(const store_facts *f, void *arg)
     }
     log_error("recovery gid=%s event=settled_against_decision wanted=%s found=%s alert=reconcile", it->gid,
               commit ? "commit" : "rollback", f->debited ? "committed" : f->row ? "no_debit" : "no_row");
+    anomaly();
     flag_review(it, commit ? "processor charged a payment that holds no debit: re-debit or refund by hand"
                            : "debit committed although the processor declined: refund the account by hand");
     item_done(it);
@@ -398,7 +404,9 @@ static void cancel_cb(const proc_result *res, void *arg)
         item_commit(it, res->id);
         return;
     case PROC_UNSUPPORTED:
-        if (it->age_ms >= (int64_t)D->cfg.processor_idempotency_window_s * 1000) {
+        /* No create of this payment is sent after its deadline; past the
+         * window after that, the key can no longer charge. */
+        if (it->since_deadline_ms >= (int64_t)D->cfg.processor_idempotency_window_s * 1000) {
             /* The key can no longer charge: roll back, and have a person
              * reconcile it against the processor's records. */
             flag_review(it, "rolled back after the idempotency window without cancel-by-key: reconcile");
@@ -472,6 +480,7 @@ static void ref_cb(const proc_result *res, void *arg)
     if (res->outcome == PROC_PAYMENT && res->status != PROC_ST_SUCCEEDED && res->status != PROC_ST_PENDING) {
         log_error("recovery gid=%s event=debit_without_charge processor=%s alert=reconcile", it->gid,
                   proc_status_name(res->status));
+        anomaly();
         flag_review(it, "committed debit but the processor says it did not charge: refund the account by hand");
     }
     const char *ref = (res->outcome == PROC_PAYMENT || res->outcome == PROC_ALREADY_SUCCEEDED) ? res->id : NULL;
@@ -486,7 +495,7 @@ static void recheck_cb(const store_facts *f, void *arg)
         item_leave(it, "database unavailable for the recheck");
         return;
     }
-    if (!f->row || f->prepared || strcmp(f->status, "pending") != 0 || f->review) {
+    if (!f->row || f->prepared || strcmp(f->status, "pending") != 0 || (f->review && !f->debited)) {
         log_info("recovery gid=%s event=settled_elsewhere", it->gid);
         it->pass->counts.checked--;
         item_done(it);
@@ -618,7 +627,10 @@ static void list_cb(const store_rec_list *res, void *arg)
             skipped_live++;
             continue;
         }
-        if (src->review) {
+        /* Flagged for review: a person decides about the money. Only the
+         * bookkeeping repair of a committed debit's row goes on (it decides
+         * nothing). */
+        if (src->review && (src->prepared || !src->debited)) {
             review++;
             continue;
         }
@@ -639,6 +651,7 @@ static void list_cb(const store_rec_list *res, void *arg)
         it->debited = src->debited;
         it->past_deadline = src->past_deadline;
         it->age_ms = src->age_ms;
+        it->since_deadline_ms = src->since_deadline_ms;
         it->attempts = src->attempts;
         it->due = due;
         list_push_tail(&ps->todo, &it->link);

@@ -29,10 +29,14 @@ for b in $builds; do
     # The randomized crash driver: 200 rounds in the plain build, fewer under
     # the (slower) sanitizers; PC_CRASH_ROUNDS overrides both.
     if [ "$b" = sanitize ]; then rounds=${PC_CRASH_ROUNDS:-40}; else rounds=${PC_CRASH_ROUNDS:-200}; fi
+    # The deterministic simulation: 50,000 seeds in the plain build, fewer
+    # under the sanitizers; PC_SIM_SEEDS overrides both.
+    if [ "$b" = sanitize ]; then seeds=${PC_SIM_SEEDS:-8000}; else seeds=${PC_SIM_SEEDS:-50000}; fi
     export ASAN_OPTIONS=${ASAN_OPTIONS:-abort_on_error=0:detect_leaks=1}
     export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
     rc=0
-    (cd "$dir" && PC_CRASH_ROUNDS=$rounds ctest --output-on-failure --timeout 1500) || rc=$?
+    (cd "$dir" && PC_CRASH_ROUNDS=$rounds PC_SIM_SEEDS=$seeds ctest --output-on-failure --timeout 1500) || rc=$?
+    grep -h "^paysim:" "$dir/Testing/Temporary/LastTest.log" 2>/dev/null || true
     if [ -f "$dir/crash-rounds.log" ]; then
         echo "=== $b build: randomized crash rounds (seeds)"
         cat "$dir/crash-rounds.log"

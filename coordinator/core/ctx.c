@@ -12,6 +12,12 @@ void ctx_update_prepared_limit(void)
         D->prepared_limit = (int)((int64_t)D->max_prepared_server * D->cfg.prepared_share_percent / 100);
 }
 
+void ctx_anomaly(void)
+{
+    D->stats.alerts++;
+    D->stats.anomalies++;
+}
+
 void ctx_set_readiness_cb(void (*cb)(void)) { readiness_cb = cb; }
 
 void ctx_readiness_changed(void)

@@ -27,6 +27,7 @@ typedef struct pc_stats {
     double lat_sum_ms;
     uint64_t recoveries_committed, recoveries_rolled_back, recoveries_left, recovery_runs;
     uint64_t alerts;                         /* log lines carrying alert=, by the money path and recovery */
+    uint64_t anomalies;                      /* the database and the processor disagree (ctx_anomaly) */
     uint64_t clients_accepted, clients_refused;
 } pc_stats;
 
@@ -46,6 +47,11 @@ extern pc_daemon *D;
 
 /* Recompute prepared_limit from max_prepared_server and the configuration. */
 void ctx_update_prepared_limit(void);
+
+/* The database and the processor (or the payment's own record) disagree:
+ * money may have moved without a matching debit, or the reverse. Counted
+ * (an alert too); the caller flags the gid for review. */
+void ctx_anomaly(void);
 
 void ctx_set_readiness_cb(void (*cb)(void));
 void ctx_readiness_changed(void);

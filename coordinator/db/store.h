@@ -210,6 +210,7 @@ typedef struct store_lookup {
     store_payment_row row;
 } store_lookup;
 
+/* Durable answers only: a 'pending' row is flushed before it is returned. */
 int store_payment_by_key(const char *key, void (*cb)(const store_lookup *, void *), void *arg) PC_MUSTCHECK;
 int store_payment_by_id(const char *payment_id, void (*cb)(const store_lookup *, void *), void *arg) PC_MUSTCHECK;
 
@@ -302,6 +303,8 @@ typedef struct store_rec_item {
     bool review;                   /* flagged for review */
     bool past_deadline;
     int64_t age_ms;                /* since PREPARE (or the row's creation) */
+    int64_t since_deadline_ms;     /* since the payment's deadline (negative before it; age_ms without a row):
+                                      no create of it is sent after its deadline */
     int attempts;                  /* recorded attempts */
 } store_rec_item;
 

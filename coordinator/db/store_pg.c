@@ -462,6 +462,13 @@ void store_save_processor_ref(const char *payment_id, const char *processor_ref)
 
 /* ---------------------------------------------------------------- reads */
 
+/* A 'pending' row may be an intent committed asynchronously and not yet
+ * flushed: visible, but lost if PostgreSQL crashed now. Before such a row is
+ * shown to anyone, the reading transaction takes an xid, so that its own
+ * (synchronous) commit flushes the WAL, and with it the intent, before the
+ * answer arrives: a client is never told a payment that is not durable. */
+#define SPG_FLUSH_PENDING "CASE WHEN derived_status = 'pending' THEN pg_current_xact_id() IS NOT NULL END"
+
 typedef void (*lookup_fn)(const store_lookup *, void *);
 
 static void lookup_cb(const pgpool_reply *r, void *arg)
@@ -479,14 +486,16 @@ static void lookup_cb(const pgpool_reply *r, void *arg)
 int store_payment_by_key(const char *key, void (*cb)(const store_lookup *, void *), void *arg)
 {
     const char *params[1] = { key };
-    return spg_params(CH_PAY, "SELECT " SPG_PAYMENT_COLUMNS " FROM payments_view WHERE idempotency_key = $1", 1,
+    return spg_params(CH_PAY, "SELECT " SPG_PAYMENT_COLUMNS ", " SPG_FLUSH_PENDING
+                      " FROM payments_view WHERE idempotency_key = $1", 1,
                       params, lookup_cb, spg_call_new((store_any_fn)cb, arg));
 }
 
 int store_payment_by_id(const char *payment_id, void (*cb)(const store_lookup *, void *), void *arg)
 {
     const char *params[1] = { payment_id };
-    return spg_params(CH_PAY, "SELECT " SPG_PAYMENT_COLUMNS " FROM payments_view WHERE payment_id = $1::uuid", 1,
+    return spg_params(CH_PAY, "SELECT " SPG_PAYMENT_COLUMNS ", " SPG_FLUSH_PENDING
+                      " FROM payments_view WHERE payment_id = $1::uuid", 1,
                       params, lookup_cb, spg_call_new((store_any_fn)cb, arg));
 }
 

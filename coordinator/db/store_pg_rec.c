@@ -95,7 +95,7 @@ static void list_cb(const pgpool_reply *r, void *arg)
                     .row_status = PQgetvalue(res, i, 2), .prepared = spg_bool(res, i, 3),
                     .debited = spg_bool(res, i, 4), .review = spg_bool(res, i, 5),
                     .past_deadline = spg_bool(res, i, 6), .age_ms = spg_int(res, i, 7),
-                    .attempts = (int)spg_int(res, i, 8),
+                    .attempts = (int)spg_int(res, i, 8), .since_deadline_ms = spg_int(res, i, 9),
                 };
             }
             l.n = n;
@@ -119,7 +119,8 @@ int store_rec_list_node(const char *node, void (*cb)(const store_rec_list *, voi
     static const char sql[] =
         "SELECT x.gid, coalesce(p.payment_id::text, ''), coalesce(p.status, ''), true, false, "
         "       coalesce(s.review, false), coalesce(p.deadline < now(), true), "
-        "       (extract(epoch FROM now() - x.prepared) * 1000)::bigint, coalesce(s.attempts, 0) "
+        "       (extract(epoch FROM now() - x.prepared) * 1000)::bigint, coalesce(s.attempts, 0), "
+        "       (extract(epoch FROM now() - coalesce(p.deadline, x.prepared)) * 1000)::bigint "
         "  FROM pg_prepared_xacts x LEFT JOIN payments p ON p.gid = x.gid "
         "  LEFT JOIN recovery_state s ON s.gid = x.gid "
         " WHERE x.database = current_database() AND left(x.gid, length($1)) = $1 "
@@ -127,7 +128,8 @@ int store_rec_list_node(const char *node, void (*cb)(const store_rec_list *, voi
         "SELECT p.gid, p.payment_id::text, p.status, false, "
         "       EXISTS (SELECT 1 FROM ledger l WHERE l.payment_id = p.payment_id), "
         "       coalesce(s.review, false), p.deadline < now(), "
-        "       (extract(epoch FROM now() - p.created_at) * 1000)::bigint, coalesce(s.attempts, 0) "
+        "       (extract(epoch FROM now() - p.created_at) * 1000)::bigint, coalesce(s.attempts, 0), "
+        "       (extract(epoch FROM now() - p.deadline) * 1000)::bigint "
         "  FROM payments p LEFT JOIN recovery_state s ON s.gid = p.gid "
         " WHERE p.node = $2 AND p.status = 'pending' "
         "   AND NOT EXISTS (SELECT 1 FROM pg_prepared_xacts x WHERE x.gid = p.gid)";

@@ -202,10 +202,12 @@ static void retry(payment *p, int base, int cap, void (*fn)(payment *))
     after(p, backoff_ms(base, p->attempts++, cap), fn);
 }
 
+/* The deadline counts from admission, so it is never later than the one
+ * stored with the intent (which recovery goes by): no create is ever sent
+ * after the stored deadline. */
 static bool past_deadline(const payment *p)
 {
-    uint64_t since = p->prepared_ms ? p->prepared_ms : p->started_ms;
-    return loop_now_ms() >= since + (uint64_t)D->cfg.payment_deadline_ms;
+    return loop_now_ms() >= p->started_ms + (uint64_t)D->cfg.payment_deadline_ms;
 }
 
 static void fill_store_pay(const payment *p, store_pay *sp)
@@ -365,6 +367,8 @@ static void became_durable(payment *p)
     }
 }
 
+/* Tell every waiting client the payment as it stands (its row is this
+ * payment's, and durable): each judged by its own parameters. */
 static void answer_all(payment *p)
 {
     pc_list *n;
@@ -374,7 +378,11 @@ static void answer_all(payment *p)
         bool replayed = w->replayed;
         list_init(&w->link);
         waiter_free(w);
-        req_reply_ok(r, payment_json(p, replayed));
+        if (same_request(p, &r->req))
+            req_reply_ok(r, payment_json(p, replayed));
+        else
+            req_reply_err(r, PROTO_ERR_IDEMPOTENCY_CONFLICT,
+                          "idempotency key %s is in use with another account, amount or currency", p->key);
     }
 }
 
@@ -616,7 +624,8 @@ static void phase1_cb(const store_p1 *res, void *arg)
     case P1_NSF:
         log_info("payment gid=%s key=%s account=%s amount=%lld event=insufficient_funds", p->gid, p->key,
                  p->account, (long long)p->amount);
-        became_durable(p);
+        /* The intent is committed but not flushed: nothing may be told
+         * before the settle (synchronous) has made it durable. */
         start_settle(p, "insufficient_funds", NULL);
         return;
     case P1_UNKNOWN_ACCOUNT:
@@ -693,13 +702,14 @@ static void fence_cb(const store_facts *f, void *arg)
         prepared_now(p);
         return;
     }
-    became_durable(p);
+    /* The row is ours but maybe not flushed yet: tell nothing until a
+     * synchronous write (PREPARE, a settle, a flag) has made it durable. */
     if (f->debited || strcmp(f->status, "pending") != 0) {
         /* Settled already, which no one but this payment could have done
          * before the processor was asked: an anomaly. Never guess. */
         log_error("payment gid=%s key=%s event=fence_anomaly status=%s debited=%d alert=review", p->gid, p->key,
                   f->status, f->debited);
-        D->stats.alerts++;
+        ctx_anomaly();
         start_flag(p, "phase 1 found settled before the processor was asked");
         return;
     }
@@ -1051,7 +1061,7 @@ static void check_cb(const store_facts *f, void *arg)
         }
         log_error("payment gid=%s key=%s event=settled_against_decision wanted=rollback found=committed "
                   "alert=reconcile", p->gid, p->key);
-        D->stats.alerts++;
+        ctx_anomaly();
         start_flag(p, "debit committed although the processor declined: refund the account by hand");
         return;
     }
@@ -1061,7 +1071,7 @@ static void check_cb(const store_facts *f, void *arg)
     }
     log_error("payment gid=%s key=%s event=settled_against_decision wanted=commit found=%s alert=reconcile", p->gid,
               p->key, f->row ? "rolled_back" : "no_row");
-    D->stats.alerts++;
+    ctx_anomaly();
     start_flag(p, f->row ? "processor charged but the debit was rolled back: re-debit or refund by hand"
                          : "processor charged but the database lost the payment: re-debit or refund by hand");
 }
@@ -1115,7 +1125,7 @@ static void settle_cb(const store_settled *res, void *arg)
          * request meanwhile: ours cannot be recorded. Nothing was charged. */
         log_error("payment gid=%s key=%s event=settle_conflict status=%s alert=reconcile", p->gid, p->key,
                   p->settle_status);
-        D->stats.alerts++;
+        ctx_anomaly();
         p->final = true;
         pc_list *n;
         while ((n = list_pop_head(&p->waiters))) {
@@ -1135,8 +1145,9 @@ static void settle_cb(const store_settled *res, void *arg)
     if (strcmp(res->status, p->settle_status) != 0) {
         log_error("payment gid=%s key=%s event=settled_otherwise wanted=%s found=%s alert=review", p->gid, p->key,
                   p->settle_status, res->status);
-        D->stats.alerts++;
+        ctx_anomaly();
     }
+    p->durable = true;
     payment_final(p, !strcmp(res->status, "succeeded") ? "succeeded"
                      : !strcmp(res->status, "insufficient_funds") ? "insufficient_funds" : "declined");
     payment_done(p);
