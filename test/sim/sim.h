@@ -53,6 +53,13 @@ void sim_db_set_faults(const sim_db_faults *f);
  * prepared transactions survive); it is back after down_us. */
 void sim_db_crash(int64_t down_us);
 bool sim_db_up(void);
+/* An asynchronous standby: snapshot what it has now; a failover later
+ * promotes it, losing everything flushed since (prepared transactions too). */
+void sim_db_standby_snapshot(void);
+void sim_db_failover(int64_t down_us);
+/* Was gid's prepared transaction settled while it was not flagged for review? */
+bool sim_db_settled_unflagged(const char *gid);
+bool sim_db_flagged(const char *gid);
 /* The daemon died: every call in the air loses its answer (it may still run). */
 void sim_db_daemon_died(void);
 int sim_db_in_flight(void);
@@ -112,5 +119,7 @@ typedef struct sim_charge_view {
 int sim_psp_payments(sim_charge_view *out, int max);
 /* The processor's truth for a gid: "succeeded", "declined", "canceled", "pending" or NULL. */
 const char *sim_psp_status(const char *gid);
+/* The daemon epoch that heard the processor answer 409 for gid (0: none did). */
+uint64_t sim_psp_conflicted(const char *gid);
 
 #endif

@@ -78,7 +78,8 @@ typedef struct dbstate {
     int64_t audits;
 } dbstate;
 
-static dbstate cur, flushed;
+static dbstate cur, flushed, standby;
+static bool have_standby;
 static bool dirty;
 static bool up = true;
 static int64_t up_at_us;             /* when a crashed server is back */
@@ -95,6 +96,26 @@ static uint64_t db_gen;              /* bumped by a crash: calls of an older ser
 #define LOCK_TIMEOUT_US 200000
 
 /* ---------------------------------------------------------------- state helpers */
+
+/* Gids whose prepared transaction was settled while not flagged for review. */
+static char settled_unflagged[512][72];
+static int nsettled_unflagged;
+
+bool sim_db_settled_unflagged(const char *gid)
+{
+    for (int i = 0; i < nsettled_unflagged; i++)
+        if (!strcmp(settled_unflagged[i], gid))
+            return true;
+    return false;
+}
+
+bool sim_db_flagged(const char *gid)
+{
+    for (int i = 0; i < cur.nr; i++)
+        if (!strcmp(cur.r[i].gid, gid))
+            return cur.r[i].review;
+    return false;
+}
 
 static void flush(void)
 {
@@ -446,6 +467,9 @@ static void run_finish(call *c)
         c->p2 = P2_GONE;
         return;
     }
+    rst *flag = rst_of(c->s1);
+    if ((!flag || !flag->review) && nsettled_unflagged < 512)
+        snprintf(settled_unflagged[nsettled_unflagged++], 72, "%s", c->s1);
     if (c->b1) {
         lent *e = &cur.l[cur.nl++];
         memset(e, 0, sizeof(*e));
@@ -1267,6 +1291,8 @@ void sim_db_reset(void)
     }
     memset(&cur, 0, sizeof(cur));
     flushed = cur;
+    have_standby = false;
+    nsettled_unflagged = 0;
     dirty = false;
     up = true;
     closing = false;
@@ -1290,6 +1316,21 @@ static void db_back(void *arg)
         return;
     up = true;
     announce((void *)1);
+}
+
+void sim_db_standby_snapshot(void)
+{
+    standby = flushed;
+    have_standby = true;
+}
+
+/* The primary dies and an asynchronous standby is promoted: everything
+ * flushed since the snapshot is lost too (prepared transactions included). */
+void sim_db_failover(int64_t down_us)
+{
+    if (have_standby)
+        flushed = standby;
+    sim_db_crash(down_us);
 }
 
 void sim_db_crash(int64_t down_us)

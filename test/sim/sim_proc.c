@@ -28,6 +28,9 @@ typedef struct charge {
 } charge;
 
 static charge charges[MAXK];
+static char conflicted[64][72];
+static uint64_t conflicted_epoch[64];
+static int nconflicted;
 static int ncharges;
 static sim_psp_faults faults;
 static int next_id;
@@ -237,6 +240,10 @@ static void process(void *arg)
 static void deliver(preq *q)
 {
     q->answered = true;
+    if (q->res.outcome == PROC_CONFLICT && nconflicted < 64) {
+        conflicted_epoch[nconflicted] = sim_epoch;
+        snprintf(conflicted[nconflicted++], 72, "%s", q->key);   /* the daemon saw a 409 */
+    }
     q->cb(&q->res, q->arg);
 }
 
@@ -306,6 +313,7 @@ void sim_psp_reset(void)
     in_flight = 0;
     ncharges = 0;
     nlates = 0;
+    nconflicted = 0;
     next_id = 0;
     memset(&faults, 0, sizeof(faults));
 }
@@ -323,4 +331,12 @@ const char *sim_psp_status(const char *gid)
 {
     const charge *c = find(gid);
     return c ? proc_status_name(c->status) : NULL;
+}
+
+uint64_t sim_psp_conflicted(const char *gid)
+{
+    for (int i = 0; i < nconflicted; i++)
+        if (!strcmp(conflicted[i], gid))
+            return conflicted_epoch[i];
+    return 0;
 }
