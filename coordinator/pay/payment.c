@@ -48,12 +48,17 @@
  *               payment leaves memory with its debit prepared; recovery owns
  *               the gid from then on. Told: 'pending'.
  *
+ * Files: this one has the lifecycle and the database side; payment_proc.c
+ * the processor side (steps 4 and 5); answers.c what waiting clients are
+ * told. payment_int.h is what they share.
+ *
  * Every state that waits for something has the payment's one timer armed or
  * a callback outstanding: no payment stays in memory without something that
- * moves it on. pay_set_state() is the only writer of a payment's state and of
+ * moves it on. pm_set_state() is the only writer of a payment's state and of
  * every counter derived from states (one list per state).
  */
 #include "payment.h"
+#include "payment_int.h"
 #include "account.h"
 #include "backoff.h"
 #include "circuit.h"
@@ -72,15 +77,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-typedef enum {
-    PS_NEW = 0, PS_QUEUED, PS_PHASE1, PS_FENCE, PS_LOOKUP, PS_CREATE, PS_POLL, PS_CANCEL, PS_COMMIT,
-    PS_ROLLBACK, PS_CHECK, PS_SETTLE, PS_RECORD, PS_HANDOFF, PS_FLAG, PS_DONE, PS__COUNT
-} pay_state;
-
-static const struct {
-    const char *name;
-    bool debit;                      /* a prepared debit is held in this state */
-} state_info[PS__COUNT] = {
+const pm_state_info pm_states[PS__COUNT] = {
     [PS_NEW] = { "new", false },       [PS_QUEUED] = { "queued", false },   [PS_PHASE1] = { "phase1", false },
     [PS_FENCE] = { "fence", false },   [PS_LOOKUP] = { "lookup", false },   [PS_CREATE] = { "create", true },
     [PS_POLL] = { "poll", true },      [PS_CANCEL] = { "cancel", true },    [PS_COMMIT] = { "commit", true },
@@ -89,53 +86,6 @@ static const struct {
     [PS_DONE] = { "done", false },
 };
 
-typedef enum { DEC_NONE = 0, DEC_COMMIT, DEC_ROLLBACK } decision;
-
-typedef struct payment payment;
-
-/* One client request waiting for this payment's answer. */
-typedef struct waiter {
-    pc_list link;
-    payment *p;
-    pc_request *r;
-    loop_timer timer;                /* wait_ms; armed once the payment is durable */
-    bool replayed;
-} waiter;
-
-struct payment {
-    pc_list state_link;              /* by_state[state] */
-    acct_slot slot;
-    account *acct;
-    char payment_id[UUID_TEXT_LEN + 1];
-    char gid[GID_OURS_MAX + 1];
-    char key[PROTO_KEY_MAX + 1];
-    char account[PROTO_ACCOUNT_MAX + 1];
-    char currency[4];
-    int64_t amount;
-    char *reference;
-    cJSON *metadata;
-
-    pay_state state;
-    const char *status;              /* as told: "pending" until final */
-    char processor_ref[128];
-    char decline_code[64];
-    char settle_status[24];          /* SETTLE: what is being written */
-    char why[160];                   /* HANDOFF/FLAG: the reason recorded */
-    char fence[64];                  /* FENCE: the lost session's token */
-    int64_t created_wall_ms, updated_wall_ms;
-    uint64_t started_ms, prepared_ms;
-
-    bool intent_written;             /* the intent row is committed (maybe asynchronously) */
-    bool durable;                    /* the row is known to be this payment's, and durable */
-    bool final;                      /* the final status is durable and told */
-    bool unknown_seen;               /* some processor answer left the outcome unknown */
-    bool review;                     /* HANDOFF: flag for review first */
-    decision dec;
-    int attempts;                    /* of the current step */
-    loop_timer timer;
-    void (*on_timer)(payment *p);
-    pc_list waiters;
-};
 
 static strmap *by_key;               /* idempotency key -> payment in memory */
 static strmap *by_id;                /* payment_id -> payment in memory */
@@ -144,31 +94,28 @@ static int nstate[PS__COUNT];
 static int in_flight, prepared;
 
 static void start_phase1(payment *p);
-static void start_create(payment *p);
-static void start_poll(payment *p, int delay_ms);
-static void start_cancel(payment *p);
-static void start_finish(payment *p);
+void pm_start_finish(payment *p);
 static void start_check(payment *p);
 static void start_settle(payment *p, const char *status, const char *decline_code);
 static void start_fence(payment *p);
 static void start_lookup(payment *p);
-static void start_handoff(payment *p, bool review, const char *why);
+void pm_start_handoff(payment *p, bool review, const char *why);
 static void start_flag(payment *p, const char *why);
-static void payment_done(payment *p);
+void pm_done(payment *p);
 
 int pay_in_flight(void) { return in_flight; }
 int pay_prepared(void) { return prepared; }
 
 /* ---------------------------------------------------------------- state */
 
-static void pay_set_state(payment *p, pay_state s)
+void pm_set_state(payment *p, pay_state s)
 {
     if (p->state == s)
         return;
-    log_debug("payment gid=%s key=%s state=%s->%s", p->gid, p->key, state_info[p->state].name, state_info[s].name);
-    if (state_info[p->state].debit)
+    log_debug("payment gid=%s key=%s state=%s->%s", p->gid, p->key, pm_states[p->state].name, pm_states[s].name);
+    if (pm_states[p->state].debit)
         prepared--;
-    if (state_info[s].debit)
+    if (pm_states[s].debit)
         prepared++;
     if (p->state == PS_NEW)
         in_flight++;
@@ -190,22 +137,22 @@ static void timer_cb(void *arg)
 }
 
 /* Run fn(p) after ms. The payment's one timer: whatever it waits for next. */
-static void after(payment *p, int ms, void (*fn)(payment *))
+void pm_after(payment *p, int ms, void (*fn)(payment *))
 {
     p->on_timer = fn;
     loop_timer_start(&p->timer, ms);
 }
 
 /* Try step fn again after a backoff: base doubles per attempt up to cap. */
-static void retry(payment *p, int base, int cap, void (*fn)(payment *))
+void pm_retry(payment *p, int base, int cap, void (*fn)(payment *))
 {
-    after(p, backoff_ms(base, p->attempts++, cap), fn);
+    pm_after(p, backoff_ms(base, p->attempts++, cap), fn);
 }
 
 /* The deadline counts from admission, so it is never later than the one
  * stored with the intent (which recovery goes by): no create is ever sent
  * after the stored deadline. */
-static bool past_deadline(const payment *p)
+bool pm_past_deadline(const payment *p)
 {
     return loop_now_ms() >= p->started_ms + (uint64_t)D->cfg.payment_deadline_ms;
 }
@@ -218,242 +165,18 @@ static void fill_store_pay(const payment *p, store_pay *sp)
                        .created_ms = p->created_wall_ms, .updated_ms = p->updated_wall_ms };
 }
 
-static void fill_proc_req(const payment *p, proc_req *pr)
-{
-    *pr = (proc_req){ .gid = p->gid, .payment_id = p->payment_id,
-                      .processor_ref = p->processor_ref[0] ? p->processor_ref : NULL, .amount = p->amount,
-                      .currency = p->currency, .account = p->account, .reference = p->reference,
-                      .metadata = p->metadata };
-}
-
-/* ---------------------------------------------------------------- answers */
-
-static cJSON *payment_json(const payment *p, bool replayed)
-{
-    cJSON *o = cJSON_CreateObject();
-    if (!o)
-        return NULL;
-    char t1[32], t2[32];
-    loop_format_time(p->created_wall_ms, t1);
-    loop_format_time(p->updated_wall_ms, t2);
-    cJSON_AddStringToObject(o, "payment_id", p->payment_id);
-    cJSON_AddStringToObject(o, "idempotency_key", p->key);
-    cJSON_AddStringToObject(o, "gid", p->gid);
-    cJSON_AddStringToObject(o, "account", p->account);
-    cJSON_AddItemToObject(o, "amount", proto_json_int(p->amount));
-    cJSON_AddStringToObject(o, "currency", p->currency);
-    if (p->reference)
-        cJSON_AddStringToObject(o, "reference", p->reference);
-    else
-        cJSON_AddNullToObject(o, "reference");
-    cJSON_AddStringToObject(o, "status", p->status);
-    if (p->processor_ref[0])
-        cJSON_AddStringToObject(o, "processor_ref", p->processor_ref);
-    else
-        cJSON_AddNullToObject(o, "processor_ref");
-    if (p->decline_code[0] && !strcmp(p->status, "declined"))
-        cJSON_AddStringToObject(o, "decline_code", p->decline_code);
-    else
-        cJSON_AddNullToObject(o, "decline_code");
-    cJSON_AddStringToObject(o, "created_at", t1);
-    cJSON_AddStringToObject(o, "updated_at", t2);
-    if (replayed)
-        cJSON_AddBoolToObject(o, "replayed", true);
-    return o;
-}
-
-cJSON *pay_row_json(const store_payment_row *row, bool replayed)
-{
-    cJSON *o = cJSON_CreateObject();
-    if (!o)
-        return NULL;
-    cJSON_AddStringToObject(o, "payment_id", row->payment_id);
-    cJSON_AddStringToObject(o, "idempotency_key", row->key);
-    cJSON_AddStringToObject(o, "gid", row->gid);
-    cJSON_AddStringToObject(o, "account", row->account);
-    cJSON_AddItemToObject(o, "amount", proto_json_int(row->amount));
-    cJSON_AddStringToObject(o, "currency", row->currency);
-    if (row->reference)
-        cJSON_AddStringToObject(o, "reference", row->reference);
-    else
-        cJSON_AddNullToObject(o, "reference");
-    cJSON_AddStringToObject(o, "status", row->status);
-    if (row->processor_ref)
-        cJSON_AddStringToObject(o, "processor_ref", row->processor_ref);
-    else
-        cJSON_AddNullToObject(o, "processor_ref");
-    if (row->decline_code && !strcmp(row->status, "declined"))
-        cJSON_AddStringToObject(o, "decline_code", row->decline_code);
-    else
-        cJSON_AddNullToObject(o, "decline_code");
-    cJSON_AddStringToObject(o, "created_at", row->created_at);
-    cJSON_AddStringToObject(o, "updated_at", row->updated_at);
-    if (replayed)
-        cJSON_AddBoolToObject(o, "replayed", true);
-    return o;
-}
 
 cJSON *pay_memory_json(const char *key, const char *payment_id)
 {
     payment *p = key ? strmap_get(by_key, key) : strmap_get(by_id, payment_id);
-    return p && p->durable ? payment_json(p, false) : NULL;
+    return p && p->durable ? pm_json(p, false) : NULL;
 }
 
-static bool same_request(const payment *p, const proto_request *q)
-{
-    return !strcmp(p->account, q->account) && p->amount == q->amount && !strcmp(p->currency, q->currency);
-}
-
-static void waiter_free(waiter *w)
-{
-    list_unlink(&w->link);
-    loop_timer_deinit(&w->timer);
-    free(w);
-}
-
-/* wait_ms ran out: tell this client 'pending'; the payment goes on. */
-static void waiter_timeout_cb(void *arg)
-{
-    waiter *w = arg;
-    payment *p = w->p;
-    D->stats.payments_left_pending++;
-    log_info("payment gid=%s key=%s event=answered_pending state=%s", p->gid, p->key, state_info[p->state].name);
-    pc_request *r = w->r;
-    bool replayed = w->replayed;
-    waiter_free(w);
-    req_reply_ok(r, payment_json(p, replayed));
-}
-
-static void waiter_arm(waiter *w)
-{
-    int64_t ms = w->r->req.has_wait_ms ? w->r->req.wait_ms : D->cfg.pay_wait_ms;
-    if (!loop_timer_pending(&w->timer))
-        loop_timer_start(&w->timer, ms);
-}
-
-static int add_waiter(payment *p, pc_request *r, bool replayed)
-{
-    waiter *w = calloc(1, sizeof(*w));
-    if (!w || loop_timer_init(&w->timer, waiter_timeout_cb, w) != 0) {
-        free(w);
-        return -1;
-    }
-    w->p = p;
-    w->r = r;
-    w->replayed = replayed;
-    list_push_tail(&p->waiters, &w->link);
-    if (p->durable)
-        waiter_arm(w);
-    return 0;
-}
-
-/* The payment is durable: its clients may be told 'pending' from now on, and
- * requests that reused its key with other parameters are refused (each is
- * judged by its own parameters against this, the stored payment). */
-static void became_durable(payment *p)
-{
-    p->durable = true;
-    pc_list *it, *tmp;
-    list_each_safe(&p->waiters, it, tmp) {
-        waiter *w = list_entry(it, waiter, link);
-        if (!same_request(p, &w->r->req)) {
-            pc_request *r = w->r;
-            waiter_free(w);
-            req_reply_err(r, PROTO_ERR_IDEMPOTENCY_CONFLICT,
-                          "idempotency key %s is in use with another account, amount or currency", p->key);
-            continue;
-        }
-        waiter_arm(w);
-    }
-}
-
-/* Tell every waiting client the payment as it stands (its row is this
- * payment's, and durable): each judged by its own parameters. */
-static void answer_all(payment *p)
-{
-    pc_list *n;
-    while ((n = list_pop_head(&p->waiters))) {
-        waiter *w = list_entry(n, waiter, link);
-        pc_request *r = w->r;
-        bool replayed = w->replayed;
-        list_init(&w->link);
-        waiter_free(w);
-        if (same_request(p, &r->req))
-            req_reply_ok(r, payment_json(p, replayed));
-        else
-            req_reply_err(r, PROTO_ERR_IDEMPOTENCY_CONFLICT,
-                          "idempotency key %s is in use with another account, amount or currency", p->key);
-    }
-}
-
-/* The final status is durable: tell every client. */
-static void payment_final(payment *p, const char *status)
-{
-    p->status = status;
-    p->final = true;
-    if (!strcmp(status, "succeeded"))
-        D->stats.payments_succeeded++;
-    else if (!strcmp(status, "declined"))
-        D->stats.payments_declined++;
-    else if (!strcmp(status, "insufficient_funds"))
-        D->stats.payments_insufficient++;
-    log_info("payment gid=%s key=%s account=%s amount=%lld currency=%s event=final status=%s processor_ref=%s "
-             "decline_code=%s ms=%llu", p->gid, p->key, p->account, (long long)p->amount, p->currency, status,
-             p->processor_ref[0] ? p->processor_ref : "-", p->decline_code[0] ? p->decline_code : "-",
-             (unsigned long long)(loop_now_ms() - p->started_ms));
-    answer_all(p);
-}
-
-/* A request to dispatch again from the loop (see end_refused). */
-typedef struct redispatch {
-    pc_list link;                    /* redispatches */
-    loop_timer t;
-    pc_request *r;
-} redispatch;
-
-static pc_list redispatches;
-
-static void redispatch_cb(void *arg);
-
-/* The payment ends without its row being the key's stored payment (nothing
- * was written, or the key belongs to an earlier payment): clients that asked
- * with this payment's parameters get code/msg; clients that reused the key
- * with other parameters were never judged, and are dispatched again as new
- * requests once this payment has left memory. */
+/* The payment ends without its row being the key's stored payment. */
 static void end_refused(payment *p, proto_err code, const char *msg)
 {
-    pc_list *it, *tmp;
-    list_each_safe(&p->waiters, it, tmp) {
-        waiter *w = list_entry(it, waiter, link);
-        pc_request *r = w->r;
-        bool same = same_request(p, &r->req);
-        waiter_free(w);
-        if (same) {
-            req_reply_err(r, code, "%s", msg);
-        } else {
-            /* Dispatch from the loop, after this payment has left the maps. */
-            redispatch *rd = calloc(1, sizeof(*rd));
-            if (!rd || loop_timer_init(&rd->t, redispatch_cb, rd) != 0) {
-                free(rd);
-                req_reply_err(r, PROTO_ERR_INTERNAL, "out of memory; nothing was charged");
-                continue;
-            }
-            rd->r = r;
-            list_push_tail(&redispatches, &rd->link);
-            loop_timer_start(&rd->t, 0);
-        }
-    }
-    payment_done(p);
-}
-
-static void redispatch_cb(void *arg)
-{
-    redispatch *rd = arg;
-    pc_request *r = rd->r;
-    list_unlink(&rd->link);
-    loop_timer_deinit(&rd->t);
-    free(rd);
-    pay_handle_pay(r);
+    pm_refuse_waiters(p, code, msg);
+    pm_done(p);
 }
 
 /* ---------------------------------------------------------------- lifecycle */
@@ -527,11 +250,11 @@ static void release_account(payment *p)
 
 /* The payment leaves memory. Waiters left are told the payment as it stands
  * (only reached with waiters when it is durable). */
-static void payment_done(payment *p)
+void pm_done(payment *p)
 {
     if (!list_empty(&p->waiters))
-        answer_all(p);
-    pay_set_state(p, PS_DONE);
+        pm_answer_all(p);
+    pm_set_state(p, PS_DONE);
     list_unlink(&p->state_link);
     nstate[PS_DONE]--;
     strmap_del(by_key, p->key);
@@ -566,7 +289,7 @@ static void phase1_cb(const store_p1 *res, void *arg);
 
 static void start_phase1(payment *p)
 {
-    pay_set_state(p, PS_PHASE1);
+    pm_set_state(p, PS_PHASE1);
     FAILPOINT("before_debit", p->key);
     store_pay sp;
     fill_store_pay(p, &sp);
@@ -579,7 +302,7 @@ static void start_phase1(payment *p)
                                             : "database queue full; nothing was charged");
         return;
     }
-    retry(p, 100, 2000, start_phase1);      /* the row exists without a debit: debit again shortly */
+    pm_retry(p, 100, 2000, start_phase1);      /* the row exists without a debit: debit again shortly */
 }
 
 /* The debit could not be made for now. Retry until queue_timeout_ms, then
@@ -597,7 +320,7 @@ static void debit_later(payment *p, const store_p1 *res)
     }
     log_info("payment gid=%s key=%s event=debit_retry sqlstate=%s error=\"%s\"", p->gid, p->key, res->sqlstate,
              res->errmsg);
-    retry(p, 50, 1000, start_phase1);
+    pm_retry(p, 50, 1000, start_phase1);
 }
 
 static void prepared_now(payment *p)
@@ -605,11 +328,11 @@ static void prepared_now(payment *p)
     p->intent_written = true;
     p->prepared_ms = loop_now_ms();
     p->attempts = 0;
-    became_durable(p);
+    pm_became_durable(p);
     log_info("payment gid=%s key=%s account=%s amount=%lld currency=%s event=prepared", p->gid, p->key, p->account,
              (long long)p->amount, p->currency);
     FAILPOINT("after_prepare", p->key);
-    start_create(p);
+    pm_start_create(p);
 }
 
 static void phase1_cb(const store_p1 *res, void *arg)
@@ -649,7 +372,7 @@ static void phase1_cb(const store_p1 *res, void *arg)
         if (!p->intent_written)
             end_refused(p, PROTO_ERR_UNAVAILABLE, "database unavailable; nothing was charged");
         else
-            retry(p, 100, 2000, start_phase1);
+            pm_retry(p, 100, 2000, start_phase1);
         return;
     case P1_LOST:
         snprintf(p->fence, sizeof(p->fence), "%s", res->fence ? res->fence : "");
@@ -670,9 +393,9 @@ static void fence_cb(const store_facts *f, void *arg);
 
 static void start_fence(payment *p)
 {
-    pay_set_state(p, PS_FENCE);
+    pm_set_state(p, PS_FENCE);
     if (store_get_facts(CH_PAY, p->payment_id, p->gid, p->fence[0] ? p->fence : NULL, fence_cb, p) != STORE_QUEUED)
-        retry(p, 200, 5000, start_fence);
+        pm_retry(p, 200, 5000, start_fence);
 }
 
 static void fence_cb(const store_facts *f, void *arg)
@@ -685,7 +408,7 @@ static void fence_cb(const store_facts *f, void *arg)
         }
         log_info("payment gid=%s key=%s event=fence_wait fenced=%d error=\"%s\"", p->gid, p->key, f->fenced,
                  f->errmsg ? f->errmsg : "");
-        retry(p, 200, 5000, start_fence);
+        pm_retry(p, 200, 5000, start_fence);
         return;
     }
     p->attempts = 0;
@@ -722,7 +445,7 @@ static void lookup_cb(const store_lookup *res, void *arg);
 
 static void start_lookup(payment *p)
 {
-    pay_set_state(p, PS_LOOKUP);
+    pm_set_state(p, PS_LOOKUP);
     if (store_payment_by_key(p->key, lookup_cb, p) != STORE_QUEUED)
         end_refused(p, PROTO_ERR_UNAVAILABLE, "database unavailable; nothing new was charged");
 }
@@ -737,229 +460,8 @@ static void lookup_cb(const store_lookup *res, void *arg)
                     "could not read the stored payment for this key; nothing new was charged: retry");
         return;
     }
-    const store_payment_row *row = &res->row;
-    pc_list *n;
-    while ((n = list_pop_head(&p->waiters))) {
-        waiter *w = list_entry(n, waiter, link);
-        pc_request *r = w->r;
-        list_init(&w->link);
-        waiter_free(w);
-        const proto_request *q = &r->req;
-        if (!strcmp(row->account, q->account) && row->amount == q->amount && !strcmp(row->currency, q->currency)) {
-            D->stats.replays++;
-            req_reply_ok(r, pay_row_json(row, true));
-        } else {
-            req_reply_err(r, PROTO_ERR_IDEMPOTENCY_CONFLICT,
-                          "idempotency key %s was used with another account, amount or currency", p->key);
-        }
-    }
-    payment_done(p);
-}
-
-/* ---------------------------------------------------------------- processor */
-
-static void create_cb(const proc_result *res, void *arg);
-static void poll_cb(const proc_result *res, void *arg);
-static void cancel_cb(const proc_result *res, void *arg);
-
-static void note_ref(payment *p, const proc_result *res)
-{
-    if (res->id[0] && strcmp(res->id, p->processor_ref) != 0) {
-        snprintf(p->processor_ref, sizeof(p->processor_ref), "%s", res->id);
-        store_save_processor_ref(p->payment_id, p->processor_ref);
-    }
-}
-
-static void decide(payment *p, decision dec, const char *decline_code)
-{
-    p->dec = dec;
-    p->attempts = 0;
-    if (decline_code && decline_code[0])
-        snprintf(p->decline_code, sizeof(p->decline_code), "%s", decline_code);
-    log_debug("payment gid=%s key=%s event=decision action=%s decline_code=%s processor_ref=%s", p->gid, p->key,
-              dec == DEC_COMMIT ? "commit" : "rollback", p->decline_code[0] ? p->decline_code : "-",
-              p->processor_ref[0] ? p->processor_ref : "-");
-    FAILPOINT("after_answer", p->key);
-    start_finish(p);
-}
-
-/* The processor's payment state decides, or says to keep polling. */
-static bool decide_from(payment *p, const proc_result *res)
-{
-    switch (res->status) {
-    case PROC_ST_SUCCEEDED:
-        decide(p, DEC_COMMIT, NULL);
-        return true;
-    case PROC_ST_DECLINED:
-    case PROC_ST_CANCELED:
-        decide(p, DEC_ROLLBACK, res->decline_code[0] ? res->decline_code
-                                : res->status == PROC_ST_CANCELED ? "canceled" : "declined");
-        return true;
-    default:
-        return false;
-    }
-}
-
-static void failpoint_after_send(payment *p)
-{
-    FAILPOINT("after_send", p->key);
-    (void)p;
-}
-
-static void start_create(payment *p)
-{
-    pay_set_state(p, PS_CREATE);
-    proc_req pr;
-    fill_proc_req(p, &pr);
-    if (proc_create(&pr, create_cb, p) != 0) {
-        log_error("payment gid=%s key=%s event=create_not_started", p->gid, p->key);
-        retry(p, D->cfg.processor_retry_base_ms, 5000, start_create);
-        return;
-    }
-    /* "after the request was sent, before its answer": 100 ms after the send
-     * (tests give the test processor more latency than that). */
-    if (failpoint_armed("after_send", p->key))
-        after(p, 100, failpoint_after_send);
-}
-
-static void poll_now(payment *p);
-
-static void create_cb(const proc_result *res, void *arg)
-{
-    payment *p = arg;
-    circuit_account(res);
-    note_ref(p, res);
-    switch (res->outcome) {
-    case PROC_PAYMENT:
-        if (!decide_from(p, res))
-            start_poll(p, D->cfg.processor_poll_ms);       /* pending */
-        return;
-    case PROC_INVALID:
-        if (p->unknown_seen) {
-            /* An earlier attempt may have reached the processor: a 4xx now
-             * proves nothing about it. Ask by gid, as for any unknown. */
-            log_warn("payment gid=%s key=%s event=invalid_after_unknown http=%ld", p->gid, p->key, res->http_status);
-            start_poll(p, D->cfg.processor_poll_ms);
-            return;
-        }
-        decide(p, DEC_ROLLBACK, "invalid_request");
-        return;
-    case PROC_CONFLICT:
-        log_error("payment gid=%s key=%s event=processor_conflict alert=review", p->gid, p->key);
-        D->stats.alerts++;
-        start_handoff(p, true, "processor answered idempotency_conflict for our gid");
-        return;
-    case PROC_AUTH:
-        log_error("payment gid=%s key=%s event=processor_auth_failed http=%ld alert=credentials", p->gid, p->key,
-                  res->http_status);
-        D->stats.alerts++;
-        start_poll(p, D->cfg.processor_poll_ms);
-        return;
-    case PROC_RATE_LIMITED:
-        /* Refused for now: send it again (same key) when the processor
-         * allows. Never proof that nothing was charged, though. */
-        p->unknown_seen = true;
-        after(p, res->retry_after_ms > 0 ? res->retry_after_ms : backoff_ms(1000, p->attempts++, 30000),
-              start_create);
-        return;
-    default:
-        p->unknown_seen = true;
-        if (p->attempts < D->cfg.processor_retries && !past_deadline(p)) {
-            int ms = backoff_ms(D->cfg.processor_retry_base_ms, p->attempts++, 10000);
-            log_info("payment gid=%s key=%s event=create_retry attempt=%d delay_ms=%d error=\"%s\"", p->gid, p->key,
-                     p->attempts, ms, res->error);
-            after(p, ms, start_create);
-        } else {
-            log_warn("payment gid=%s key=%s event=in_doubt error=\"%s\"", p->gid, p->key, res->error);
-            p->attempts = 0;
-            start_poll(p, D->cfg.processor_poll_ms);
-        }
-        return;
-    }
-}
-
-static void start_poll(payment *p, int delay_ms)
-{
-    pay_set_state(p, PS_POLL);
-    after(p, delay_ms, poll_now);
-}
-
-static void poll_now(payment *p)
-{
-    if (past_deadline(p)) {
-        start_cancel(p);
-        return;
-    }
-    proc_req pr;
-    fill_proc_req(p, &pr);
-    if (proc_get(&pr, poll_cb, p) != 0)
-        start_poll(p, backoff_ms(D->cfg.processor_poll_ms, p->attempts++, 30000));
-}
-
-static void poll_cb(const proc_result *res, void *arg)
-{
-    payment *p = arg;
-    circuit_account(res);
-    note_ref(p, res);
-    switch (res->outcome) {
-    case PROC_PAYMENT:
-        p->attempts = 0;
-        if (!decide_from(p, res))
-            start_poll(p, D->cfg.processor_poll_ms);
-        return;
-    case PROC_NOT_FOUND:
-        /* The processor never saw a create: send it again (same key) while
-         * there is time; past the deadline, cancel (tombstone) instead. */
-        p->unknown_seen = true;
-        if (past_deadline(p))
-            start_cancel(p);
-        else
-            start_create(p);
-        return;
-    case PROC_RATE_LIMITED:
-        start_poll(p, res->retry_after_ms > 0 ? res->retry_after_ms : D->cfg.processor_poll_ms);
-        return;
-    default:
-        start_poll(p, backoff_ms(D->cfg.processor_poll_ms, p->attempts++, 30000));
-        return;
-    }
-}
-
-static void start_cancel(payment *p)
-{
-    pay_set_state(p, PS_CANCEL);
-    log_info("payment gid=%s key=%s event=cancel reason=deadline", p->gid, p->key);
-    proc_req pr;
-    fill_proc_req(p, &pr);
-    if (proc_cancel(&pr, cancel_cb, p) != 0)
-        retry(p, D->cfg.processor_poll_ms, 30000, start_cancel);
-}
-
-static void cancel_cb(const proc_result *res, void *arg)
-{
-    payment *p = arg;
-    circuit_account(res);
-    note_ref(p, res);
-    switch (res->outcome) {
-    case PROC_PAYMENT:
-        if (!decide_from(p, res))
-            start_poll(p, D->cfg.processor_poll_ms);
-        return;
-    case PROC_ALREADY_SUCCEEDED:
-        decide(p, DEC_COMMIT, NULL);
-        return;
-    case PROC_UNSUPPORTED:
-        /* No cancel by key: recovery waits out the idempotency window. */
-        log_warn("payment gid=%s key=%s event=left_for_recovery reason=cancel_unsupported", p->gid, p->key);
-        start_handoff(p, false, "processor cannot cancel by key");
-        return;
-    case PROC_RATE_LIMITED:
-        after(p, res->retry_after_ms > 0 ? res->retry_after_ms : D->cfg.processor_poll_ms, start_cancel);
-        return;
-    default:
-        retry(p, D->cfg.processor_poll_ms, 30000, start_cancel);
-        return;
-    }
+    pm_answer_from_row(p, &res->row);
+    pm_done(p);
 }
 
 /* ---------------------------------------------------------------- phase 2 */
@@ -967,21 +469,21 @@ static void cancel_cb(const proc_result *res, void *arg)
 static void finish_cb(const store_p2 *res, void *arg);
 static void record_cb(bool ok, void *arg);
 
-static void start_finish(payment *p)
+void pm_start_finish(payment *p)
 {
-    pay_set_state(p, p->dec == DEC_COMMIT ? PS_COMMIT : PS_ROLLBACK);
+    pm_set_state(p, p->dec == DEC_COMMIT ? PS_COMMIT : PS_ROLLBACK);
     if (store_finish(CH_PAY, p->gid, p->dec == DEC_COMMIT, finish_cb, p) != STORE_QUEUED)
-        retry(p, 100, 5000, start_finish);
+        pm_retry(p, 100, 5000, pm_start_finish);
 }
 
 static void succeeded(payment *p)
 {
     p->updated_wall_ms = loop_wall_ms();
-    payment_final(p, "succeeded");
-    pay_set_state(p, PS_RECORD);
+    pm_final(p, "succeeded");
+    pm_set_state(p, PS_RECORD);
     if (store_record_success(p->payment_id, p->processor_ref[0] ? p->processor_ref : NULL, p->updated_wall_ms,
                              record_cb, p) != STORE_QUEUED)
-        payment_done(p);             /* recovery brings the row up to date */
+        pm_done(p);             /* recovery brings the row up to date */
 }
 
 static void record_cb(bool ok, void *arg)
@@ -990,7 +492,7 @@ static void record_cb(bool ok, void *arg)
     if (!ok)
         log_warn("payment gid=%s key=%s event=record_failed note=\"recovery brings the row up to date\"", p->gid,
                  p->key);
-    payment_done(p);
+    pm_done(p);
 }
 
 static void finish_cb(const store_p2 *res, void *arg)
@@ -1017,10 +519,10 @@ static void finish_cb(const store_p2 *res, void *arg)
     case P2_RETRY:
         log_warn("payment gid=%s key=%s event=phase2_retry sqlstate=%s error=\"%s\"", p->gid, p->key, res->sqlstate,
                  res->errmsg);
-        retry(p, 100, 5000, start_finish);
+        pm_retry(p, 100, 5000, pm_start_finish);
         return;
     case P2_SHUTDOWN:
-        payment_done(p);             /* the decision is the processor's: recovery repeats it */
+        pm_done(p);             /* the decision is the processor's: recovery repeats it */
         return;
     }
 }
@@ -1031,9 +533,9 @@ static void check_cb(const store_facts *f, void *arg);
 
 static void start_check(payment *p)
 {
-    pay_set_state(p, PS_CHECK);
+    pm_set_state(p, PS_CHECK);
     if (store_get_facts(CH_PAY, p->payment_id, p->gid, NULL, check_cb, p) != STORE_QUEUED)
-        retry(p, 100, 5000, start_check);
+        pm_retry(p, 100, 5000, start_check);
 }
 
 /* COMMIT/ROLLBACK PREPARED found no prepared transaction: our own earlier
@@ -1044,11 +546,11 @@ static void check_cb(const store_facts *f, void *arg)
 {
     payment *p = arg;
     if (f->st != ST_OK) {
-        retry(p, 100, 5000, start_check);
+        pm_retry(p, 100, 5000, start_check);
         return;
     }
     if (f->prepared) {               /* cannot be after "does not exist"; do not guess */
-        retry(p, 100, 5000, start_finish);
+        pm_retry(p, 100, 5000, pm_start_finish);
         return;
     }
     bool want_commit = p->dec == DEC_COMMIT;
@@ -1082,7 +584,7 @@ static void settle_cb(const store_settled *res, void *arg);
 
 static void settle_now(payment *p)
 {
-    pay_set_state(p, PS_SETTLE);
+    pm_set_state(p, PS_SETTLE);
     store_pay sp;
     fill_store_pay(p, &sp);
     int rc;
@@ -1095,7 +597,7 @@ static void settle_now(payment *p)
         rc = store_settle(CH_PAY, &sp, p->settle_status, p->decline_code[0] ? p->decline_code : NULL,
                           p->processor_ref[0] ? p->processor_ref : NULL, settle_cb, p);
     if (rc != STORE_QUEUED)
-        retry(p, 100, 5000, settle_now);
+        pm_retry(p, 100, 5000, settle_now);
 }
 
 static void start_settle(payment *p, const char *status, const char *decline_code)
@@ -1112,12 +614,12 @@ static void settle_cb(const store_settled *res, void *arg)
 {
     payment *p = arg;
     if (res->st == ST_SHUTDOWN) {
-        payment_done(p);
+        pm_done(p);
         return;
     }
     if (res->st != ST_OK) {
         log_warn("payment gid=%s key=%s event=settle_retry error=\"%s\"", p->gid, p->key, res->errmsg);
-        retry(p, 100, 5000, settle_now);
+        pm_retry(p, 100, 5000, settle_now);
         return;
     }
     if (res->conflict) {
@@ -1127,19 +629,12 @@ static void settle_cb(const store_settled *res, void *arg)
                   p->settle_status);
         ctx_anomaly();
         p->final = true;
-        pc_list *n;
-        while ((n = list_pop_head(&p->waiters))) {
-            waiter *w = list_entry(n, waiter, link);
-            pc_request *r = w->r;
-            list_init(&w->link);
-            waiter_free(w);
-            req_reply_err(r, PROTO_ERR_UNAVAILABLE, "the payment could not be recorded; nothing was charged");
-        }
-        payment_done(p);
+        pm_answer_error(p, PROTO_ERR_UNAVAILABLE, "the payment could not be recorded; nothing was charged");
+        pm_done(p);
         return;
     }
     if (!strcmp(res->status, "pending")) {   /* not settled yet (a prepared debit is back?): try again */
-        retry(p, 100, 5000, settle_now);
+        pm_retry(p, 100, 5000, settle_now);
         return;
     }
     if (strcmp(res->status, p->settle_status) != 0) {
@@ -1148,9 +643,9 @@ static void settle_cb(const store_settled *res, void *arg)
         ctx_anomaly();
     }
     p->durable = true;
-    payment_final(p, !strcmp(res->status, "succeeded") ? "succeeded"
+    pm_final(p, !strcmp(res->status, "succeeded") ? "succeeded"
                      : !strcmp(res->status, "insufficient_funds") ? "insufficient_funds" : "declined");
-    payment_done(p);
+    pm_done(p);
 }
 
 /* ---------------------------------------------------------------- hand-off */
@@ -1161,7 +656,7 @@ static void handoff_now(payment *p)
 {
     if (p->review &&
         store_flag_review(CH_PAY, p->gid, p->payment_id, p->why, handoff_flag_cb, p) != STORE_QUEUED) {
-        retry(p, 200, 5000, handoff_now);
+        pm_retry(p, 200, 5000, handoff_now);
         return;
     }
     if (!p->review)
@@ -1171,9 +666,9 @@ static void handoff_now(payment *p)
 /* Hand the prepared debit over to recovery. With review, the flag is durable
  * before the payment leaves memory (until then the gid is owned here, so
  * recovery cannot touch it). */
-static void start_handoff(payment *p, bool review, const char *why)
+void pm_start_handoff(payment *p, bool review, const char *why)
 {
-    pay_set_state(p, PS_HANDOFF);
+    pm_set_state(p, PS_HANDOFF);
     p->review = review;
     snprintf(p->why, sizeof(p->why), "%s", why);
     p->attempts = 0;
@@ -1185,11 +680,11 @@ static void handoff_flag_cb(st_status st, void *arg)
     payment *p = arg;
     if (st != ST_OK && st != ST_SHUTDOWN) {
         log_error("payment gid=%s key=%s event=review_flag_retry alert=review", p->gid, p->key);
-        retry(p, 200, 5000, handoff_now);
+        pm_retry(p, 200, 5000, handoff_now);
         return;
     }
     rec_adopt(p->gid);
-    payment_done(p);                 /* clients: 'pending' */
+    pm_done(p);                 /* clients: 'pending' */
 }
 
 static void flag_cb(st_status st, void *arg);
@@ -1197,14 +692,14 @@ static void flag_cb(st_status st, void *arg);
 static void flag_now(payment *p)
 {
     if (store_flag_review(CH_PAY, p->gid, p->payment_id, p->why, flag_cb, p) != STORE_QUEUED)
-        retry(p, 200, 5000, flag_now);
+        pm_retry(p, 200, 5000, flag_now);
 }
 
 /* No prepared debit, and the facts contradict the processor: flag it for a
  * person (durably), release the account, tell clients 'pending'. */
 static void start_flag(payment *p, const char *why)
 {
-    pay_set_state(p, PS_FLAG);
+    pm_set_state(p, PS_FLAG);
     snprintf(p->why, sizeof(p->why), "%s", why);
     p->attempts = 0;
     flag_now(p);
@@ -1214,10 +709,10 @@ static void flag_cb(st_status st, void *arg)
 {
     payment *p = arg;
     if (st != ST_OK && st != ST_SHUTDOWN) {
-        retry(p, 200, 5000, flag_now);
+        pm_retry(p, 200, 5000, flag_now);
         return;
     }
-    payment_done(p);
+    pm_done(p);
 }
 
 /* ---------------------------------------------------------------- pay op */
@@ -1229,19 +724,19 @@ void pay_handle_pay(pc_request *r)
     if (p) {
         /* The key is in flight here: never a second charge. Judged against
          * this payment once its row is known to be the key's. */
-        if (p->durable && !same_request(p, q)) {
+        if (p->durable && !pm_same_request(p, q)) {
             req_reply_err(r, PROTO_ERR_IDEMPOTENCY_CONFLICT,
                           "idempotency key %s is in use with another account, amount or currency", q->idempotency_key);
             return;
         }
         if (p->final) {
             D->stats.replays++;
-            req_reply_ok(r, payment_json(p, true));
+            req_reply_ok(r, pm_json(p, true));
             return;
         }
         if (p->durable)
             D->stats.replays++;
-        if (add_waiter(p, r, true) != 0)
+        if (pm_waiter_add(p, r, true) != 0)
             req_reply_err(r, PROTO_ERR_INTERNAL, "out of memory; nothing new was charged");
         return;
     }
@@ -1286,8 +781,8 @@ void pay_handle_pay(pc_request *r)
         req_reply_err(r, PROTO_ERR_INTERNAL, "out of memory; nothing was charged");
         return;
     }
-    if (add_waiter(p, r, false) != 0) {
-        payment_done(p);
+    if (pm_waiter_add(p, r, false) != 0) {
+        pm_done(p);
         account_put(a);
         req_reply_err(r, PROTO_ERR_INTERNAL, "out of memory; nothing was charged");
         return;
@@ -1305,8 +800,8 @@ void pay_handle_pay(pc_request *r)
         start_phase1(p);
         return;
     }
-    pay_set_state(p, PS_QUEUED);
-    after(p, D->cfg.queue_timeout_ms, queue_timeout);
+    pm_set_state(p, PS_QUEUED);
+    pm_after(p, D->cfg.queue_timeout_ms, queue_timeout);
 }
 
 /* ---------------------------------------------------------------- init */
@@ -1320,7 +815,7 @@ int pay_init(void)
         nstate[i] = 0;
     }
     in_flight = prepared = 0;
-    list_init(&redispatches);
+    pm_answers_init();
     circuit_reset();
     return (by_key && by_id) ? 0 : -1;
 }
@@ -1331,32 +826,13 @@ void pay_shutdown(bool answer)
         pc_list *n;
         while ((n = list_pop_head(&by_state[s]))) {
             payment *p = list_entry(n, payment, state_link);
-            pc_list *wn;
-            while ((wn = list_pop_head(&p->waiters))) {
-                waiter *w = list_entry(wn, waiter, link);
-                pc_request *r = w->r;
-                list_init(&w->link);
-                waiter_free(w);
-                if (answer)
-                    req_reply_err(r, PROTO_ERR_SHUTTING_DOWN, "the daemon stopped; the payment is left for recovery");
-                else
-                    req_free(r);
-            }
+            pm_waiter_drop_all(p, answer);
             owner_release(p->gid, OWNER_PAYMENT);
             payment_free(p);
         }
         nstate[s] = 0;
     }
-    pc_list *n;
-    while ((n = list_pop_head(&redispatches))) {
-        redispatch *rd = list_entry(n, redispatch, link);
-        loop_timer_deinit(&rd->t);
-        if (answer)
-            req_reply_err(rd->r, PROTO_ERR_SHUTTING_DOWN, "the daemon is shutting down; nothing was charged");
-        else
-            req_free(rd->r);
-        free(rd);
-    }
+    pm_answers_shutdown(answer);
     in_flight = prepared = 0;
     strmap_free(by_key);
     strmap_free(by_id);
