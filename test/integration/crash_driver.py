@@ -317,8 +317,16 @@ class Driver:
             time.sleep(rng.uniform(0.0, 0.3))
             self.pg.start()
         elif fault == "indoubt_retries":
-            delay = rng.uniform(0.4, 0.9)
-            detail = f"kill after {delay * 1000:.0f}ms" + detail
+            # kill once more debits are in doubt than the pool has connections
+            want = SETTINGS["pool_size"] + 1
+            try:
+                wait_for(lambda: self.pg.query("SELECT count(*) FROM pg_prepared_xacts")[0][0] >= want,
+                         timeout=5, interval=0.02)
+            except AssertionError:
+                pass
+            delay = rng.uniform(0.0, 0.3)
+            n = self.pg.query("SELECT count(*) FROM pg_prepared_xacts")[0][0]
+            detail = f"kill {delay * 1000:.0f}ms after {n} prepared" + detail
             time.sleep(delay)
             d.kill9()
         for t in threads:

@@ -11,12 +11,11 @@ killed after PREPARE leaves it). Every test that moves money ends with
 check_invariants (I1-I7)."""
 
 import os
-import threading
 import time
 
 import pytest
 
-from harness import (Daemon, Postgres, check_invariants, pending_intent, prepare_debit, timed_call,
+from harness import (PAYCOORD_BIN, Daemon, Postgres, check_invariants, prepare_debit, timed_call,
                      wait_for)
 
 FAST = {"recovery_interval_ms": 300, "processor_poll_ms": 50}
@@ -540,15 +539,30 @@ def test_forced_recover_does_not_count_as_an_attempt(env):
 
 # ------------------------------------------------------------------ item 6
 
-ASAN_BIN = os.environ.get("PAYCOORD_ASAN_BIN") or os.path.join(os.environ.get("PAYCOORD_SRC", ""), "build-asan",
-                                                                  "coordinator", "paycoord")
-HAVE_ASAN = os.path.exists(ASAN_BIN)
+def _asan_bin():
+    """An ASan build of the daemon: PAYCOORD_BIN itself when PAYCOORD_BUILD is
+    a sanitizer build (run-tests.sh), else PAYCOORD_ASAN_BIN or
+    $PAYCOORD_SRC/build-asan; None when there is none."""
+    import harness
+    try:
+        with open(os.path.join(harness.BUILD, "CMakeCache.txt")) as f:
+            if "PAYCOORD_SANITIZE:BOOL=ON" in f.read():
+                return harness.PAYCOORD_BIN
+    except OSError:
+        pass
+    cand = os.environ.get("PAYCOORD_ASAN_BIN") or os.path.join(harness.SRC, "build-asan", "coordinator", "paycoord")
+    return cand if os.path.exists(cand) else None
+
+
+ASAN_BIN = _asan_bin()
 
 
 @pytest.mark.parametrize("build,n_prep,n_pend", [
-    ("plain", 1500, 500),
-    pytest.param("asan", 1500, 500, marks=pytest.mark.skipif(not HAVE_ASAN, reason="no ASan build (build-asan)")),
-    pytest.param("asan", 300, 40000, marks=pytest.mark.skipif(not HAVE_ASAN, reason="no ASan build (build-asan)")),
+    ("daemon", 1500, 500),
+    pytest.param("asan", 1500, 500, marks=pytest.mark.skipif(
+        ASAN_BIN is None or os.path.realpath(ASAN_BIN) == os.path.realpath(PAYCOORD_BIN),
+        reason="no separate ASan build (PAYCOORD_ASAN_BIN or build-asan), or PAYCOORD_BIN is it")),
+    pytest.param("asan", 300, 40000, marks=pytest.mark.skipif(ASAN_BIN is None, reason="no ASan build")),
 ])
 def test_recovery_pass_database_killed_mid_pass(env, build, n_prep, n_pend):
     """Item 6. A recovery pass over many items (prepared debits plus pending
@@ -563,7 +577,7 @@ def test_recovery_pass_database_killed_mid_pass(env, build, n_prep, n_pend):
     the database is back every item settles. 2,000 items (the issue's size)
     do not overflow today; 40,000 pending rows overflow the stack of the ASan
     build."""
-    binpath = ASAN_BIN if build == "asan" else None
+    binpath = ASAN_BIN if build == "asan" else PAYCOORD_BIN
     pg2 = Postgres(max_prepared=n_prep + 100)
     pg2.start()
     try:
@@ -633,7 +647,7 @@ def test_review_gids_count_against_admission(env):
     includes the review gids and new payments beyond the share are refused
     `overloaded` (nothing charged)."""
     # share = 1% of the session cluster's 1000 = 10 prepared transactions
-    d = env.daemon(prepared_share_percent=1, max_recovery_attempts=1, **FAST)
+    d = env.daemon(prepared_share_percent=1, **FAST)
     c = d.client()
     n_review, n_new = 6, 8
     review = []
