@@ -64,9 +64,10 @@ class RoundFailure(AssertionError):
 
 
 class Driver:
-    def __init__(self, pg, psp, workdir, log=print, faults=None):
+    def __init__(self, pg, psp, workdir, log=print, faults=None, reuse_race_p=REUSE_RACE_P):
         self.pg, self.psp, self.workdir, self.log = pg, psp, workdir, log
         self.faults = faults or FAULTS
+        self.reuse_race_p = reuse_race_p
         self.daemon = None
         self.proxy = None
         self.answers = {}        # key -> final status a client was told (I6)
@@ -122,6 +123,8 @@ class Driver:
             reqs = []
             for j in range(per_client):
                 acct = rng.choice(list(accounts))
+                if accounts is INDOUBT_ACCOUNTS:        # every account gets one: more debits in doubt than connections
+                    acct = list(accounts)[(ci * per_client + j) % len(accounts)]
                 key = f"{tag}-{ci}-{j}"
                 if rng.random() < 0.2:
                     reqs.append(("credit", dict(account=acct, amount=rng.randint(1, 200), currency="EUR",
@@ -258,7 +261,7 @@ class Driver:
         self.round_no += 1
         tag = f"r{self.round_no}s{seed}"
         fault = rng.choice(self.faults)
-        race = rng.random() < REUSE_RACE_P
+        race = rng.random() < self.reuse_race_p
         detail = ""
         d = self.daemon
         self.problems = []
@@ -369,6 +372,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--seed", type=int, default=None, help="first seed (default: random)")
     ap.add_argument("--faults", default=None, help=f"comma-separated subset of: {', '.join(FAULTS)}")
+    ap.add_argument("--reuse-race-p", type=float, default=REUSE_RACE_P,
+                    help=f"probability of a reuse race in a round (default {REUSE_RACE_P})")
     ap.add_argument("--keep-going", action="store_true",
                     help="after a failed round, restart everything and go on (prints every failing seed)")
     args = ap.parse_args()
@@ -387,7 +392,8 @@ def main():
         work = tempfile.mkdtemp(prefix="pc-crash-")
         psp = Processor(work)
         psp.start()
-        drv = Driver(pg, psp, work, log=lambda m: print(m, flush=True), faults=faults)
+        drv = Driver(pg, psp, work, log=lambda m: print(m, flush=True), faults=faults,
+                     reuse_race_p=args.reuse_race_p)
         try:
             drv.setup()
             while i < args.rounds:
