@@ -1,7 +1,8 @@
 """The randomized crash driver as a test: PC_CRASH_ROUNDS rounds (200 under
 CI=true, 25 otherwise), each seed printed; a failing seed reproduces with
 `crash_driver.py --seed S --rounds 1` (see docs/recovery.md). PC_CRASH_FAULTS
-(comma-separated) restricts the fault kinds."""
+(comma-separated) restricts the fault kinds, PC_CRASH_REUSE_P sets the
+probability of a reuse race per round."""
 
 import os
 import random
@@ -22,7 +23,8 @@ def test_random_crash_rounds(env, capsys):
             print(m, flush=True)
 
     faults = os.environ.get("PC_CRASH_FAULTS")
-    drv = Driver(env.pg, env.psp, env.workdir, log=log, faults=faults.split(",") if faults else None)
+    kw = {"reuse_race_p": float(os.environ["PC_CRASH_REUSE_P"])} if os.environ.get("PC_CRASH_REUSE_P") else {}
+    drv = Driver(env.pg, env.psp, env.workdir, log=log, faults=faults.split(",") if faults else None, **kw)
     try:
         drv.setup()
     finally:
