@@ -7,8 +7,8 @@ to tell recovery anything, more keys retried at once than the pool has
 connections), PostgreSQL killed while the daemon is down, or the database
 connection dropped during phase 1 (pgproxy) -- and, in some rounds,
 conflicting reuses of finished keys racing legitimate retries of them. Then
-restart what died, wait for recovery to quiesce, and check DESIGN.md's
-invariants I1-I7, plus:
+restart what died, wait for recovery to quiesce, and check the invariants
+I1-I7 (harness.check_invariants), plus:
 
   I6   every client that got a final answer sees the same answer by key;
   told every payment_id/gid a client was told exists in the database under
