@@ -28,6 +28,23 @@ class Env:
         self.psp = Processor(workdir)
         self.psp.start()
         self.daemons = []
+        self.proxies = []
+
+    def pgproxy(self):
+        """A pgproxy (pgproxy.py) in front of the session cluster; pass
+        db_conninfo=proxy.conninfo to the daemon."""
+        from pgproxy import PgProxy
+        p = PgProxy(self.pg.sock, workdir=self.workdir).start()
+        self.proxies.append(p)
+        return p
+
+    def pspproxy(self):
+        """A pspproxy (pspproxy.py) in front of the test processor; pass
+        processor_url=proxy.url to the daemon."""
+        from pspproxy import PspProxy
+        p = PspProxy(self.psp).start()
+        self.proxies.append(p)
+        return p
 
     def daemon(self, start=True, env=None, **settings):
         d = Daemon(self.workdir, self.pg, self.psp, **settings)
@@ -45,6 +62,8 @@ class Env:
     def close(self):
         for d in self.daemons:
             d.kill9()
+        for p in self.proxies:
+            p.stop()
         self.psp.stop()
 
 

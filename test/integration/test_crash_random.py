@@ -1,6 +1,8 @@
 """The randomized crash driver as a test: PC_CRASH_ROUNDS rounds (200 under
 CI=true, 25 otherwise), each seed printed; a failing seed reproduces with
-`crash_driver.py --seed S --rounds 1` (see docs/recovery.md)."""
+`crash_driver.py --seed S --rounds 1` (see docs/recovery.md). PC_CRASH_FAULTS
+(comma-separated) restricts the fault kinds, PC_CRASH_REUSE_P sets the
+probability of a reuse race per round."""
 
 import os
 import random
@@ -20,11 +22,16 @@ def test_random_crash_rounds(env, capsys):
         with capsys.disabled():
             print(m, flush=True)
 
-    drv = Driver(env.pg, env.psp, env.workdir, log=log)
-    env.daemons.append(drv)          # killed at teardown
-    drv.setup()
-    env.daemons.remove(drv)
-    env.daemons.append(drv.daemon)
+    faults = os.environ.get("PC_CRASH_FAULTS")
+    kw = {"reuse_race_p": float(os.environ["PC_CRASH_REUSE_P"])} if os.environ.get("PC_CRASH_REUSE_P") else {}
+    drv = Driver(env.pg, env.psp, env.workdir, log=log, faults=faults.split(",") if faults else None, **kw)
+    try:
+        drv.setup()
+    finally:
+        if drv.daemon:
+            env.daemons.append(drv.daemon)       # killed at teardown
+        if drv.proxy:
+            env.proxies.append(drv.proxy)
     log(f"crash driver: {rounds} rounds from seed {first}")
     for i in range(rounds):
         drv.round(first + i)
