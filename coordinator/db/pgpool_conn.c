@@ -1,9 +1,6 @@
-/*
- * pgpool_conn.c - one slot of the pool (pgpool_conn.h): nonblocking connect
- * with a timeout, the socket watch, server notices into our log, and the
- * jittered reconnect backoff; plus the conninfo turned into libpq's keyword
- * arrays with the settings every session must have.
- */
+/* pgpool_conn.c - one slot of the pool (pgpool_conn.h): nonblocking connect
+ * with a timeout, socket watch, server notices, jittered reconnect; and the
+ * conninfo as libpq keyword arrays with the settings every session needs. */
 #include "pgpool_conn.h"
 #include "backoff.h"
 #include "log.h"

@@ -1,9 +1,6 @@
-/*
- * psp_classify.c - what one processor answer means (docs/processor.md): the
- * HTTP status and body of a call mapped to a psp_outcome and, when there is
- * one, the payment object. Pure: no I/O, no clock; the client (psp.c) and
- * the tests share it.
- */
+/* psp_classify.c - what one processor answer means (docs/processor.md): HTTP
+ * status and body mapped to a psp_outcome and, when there is one, the payment
+ * object. Pure (no I/O, no clock): psp.c and the unit tests share it. */
 #include "psp.h"
 
 #include <stdio.h>
