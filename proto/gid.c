@@ -1,5 +1,6 @@
 /* gid.c - the gid codec and validator (gid.h). */
 #include "gid.h"
+#include "proto_text.h"
 
 #include <stdio.h>
 #include <string.h>
@@ -30,17 +31,6 @@ bool gid_valid(const char *s, size_t len)
     return true;
 }
 
-static int hexval(char c)
-{
-    if (c >= '0' && c <= '9')
-        return c - '0';
-    if (c >= 'a' && c <= 'f')
-        return c - 'a' + 10;
-    if (c >= 'A' && c <= 'F')
-        return c - 'A' + 10;
-    return -1;
-}
-
 bool gid_uuid_parse(const char *s, unsigned char bytes[16])
 {
     if (strlen(s) != UUID_TEXT_LEN)
@@ -53,7 +43,7 @@ bool gid_uuid_parse(const char *s, unsigned char bytes[16])
             i++;
             continue;
         }
-        int hi = hexval(s[i]), lo = hexval(s[i + 1]);
+        int hi = proto_hex_value((unsigned char)s[i]), lo = proto_hex_value((unsigned char)s[i + 1]);
         if (hi < 0 || lo < 0)
             return false;
         bytes[j++] = (unsigned char)(hi << 4 | lo);
@@ -170,7 +160,8 @@ bool gid_parse(const char *gid, char *node_out, char *uuid_out)
             return false;
     } else if (elen == 32) {            /* paycoord 0.1: hex */
         for (int i = 0; i < 16; i++) {
-            int hi = hexval(enc[2 * i]), lo = hexval(enc[2 * i + 1]);
+            int hi = proto_hex_value((unsigned char)enc[2 * i]);
+            int lo = proto_hex_value((unsigned char)enc[2 * i + 1]);
             if (hi < 0 || lo < 0 || (enc[2 * i] >= 'A' && enc[2 * i] <= 'F') ||
                 (enc[2 * i + 1] >= 'A' && enc[2 * i + 1] <= 'F'))
                 return false;

@@ -3,7 +3,7 @@
  * parsing and validation, and reply encoding. Pure functions, no I/O.
  *
  * Contract: proto_parse() never trusts its input. It validates UTF-8, the JSON
- * shape, every field rule of PROTOCOL.md ("Field rules"), and rejects
+ * shape, every field rule of docs/protocol.md ("Field rules"), and rejects
  * duplicate top-level keys. On failure it fills *err with a protocol error
  * code and a message naming the field, and still extracts the request "id"
  * when one could be read (else err->id is NULL, i.e. JSON null).
@@ -51,7 +51,7 @@ typedef enum {
     PROTO_OP__COUNT
 } proto_op;
 
-/* Error codes of PROTOCOL.md "Error codes". */
+/* The error codes of docs/protocol.md, "Error codes". */
 typedef enum {
     PROTO_ERR_NONE = 0,
     PROTO_ERR_INVALID_REQUEST,

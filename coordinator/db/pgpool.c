@@ -1,16 +1,10 @@
 /*
  * pgpool.c - a pool of PostgreSQL connections on libpq's asynchronous API
- * under libevent: nonblocking connect with a timeout and jittered backoff, a
- * FIFO query queue, ROLLBACK of transactions a caller left open, callbacks
- * only from the loop. Nothing here blocks the loop thread (see pgpool.h).
- *
- * Connection lifecycle (conn_set_state() is the only writer of c->state):
- *
- *   WAITING --timer--> CONNECTING --PQconnectPoll OK--> IDLE <--> BUSY
- *      ^                   |                              ^        |
- *      |  failure/timeout  |                              |        | left in a transaction
- *      +-------------------+                              +-- ROLLBACK
- *      +--------- lost (EOF, send/recv error) from IDLE, BUSY, ROLLBACK
+ * under libevent: a FIFO query queue, queries run on idle connections,
+ * ROLLBACK of transactions a caller left open, callbacks only from the loop.
+ * Nothing here blocks the loop thread (see pgpool.h). How one connection
+ * comes up, fails and reconnects (with jittered backoff) is pgpool_conn.c;
+ * pgpool_conn.h has the diagram of a slot's states.
  *
  * Re-entrancy: user callbacks run with p->depth > 0. A callback may queue
  * queries (that only appends and activates the kick event) or call
@@ -22,36 +16,15 @@
  * replaced, and never while a callback of theirs is on the stack.
  */
 #include "pgpool.h"
-#include "backoff.h"
+#include "pgpool_conn.h"
 #include "log.h"
-#include "rng.h"
 
 #include <event2/event.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
-#include <unistd.h>
 
 #define PGPOOL_MAX_PARAMS 65535  /* protocol limit (16-bit count) */
-#define ERRBUF_LEN 512
-
-typedef enum {
-    CONN_WAITING,    /* no PGconn; the reconnect timer is pending */
-    CONN_CONNECTING, /* PQconnectPoll in progress; the connect timeout is armed */
-    CONN_IDLE,       /* up, ready for a query */
-    CONN_BUSY,       /* running a caller's query (c->q) */
-    CONN_ROLLBACK,   /* running our own ROLLBACK after a caller left a transaction open */
-    CONN_NSTATES
-} conn_state;
-
-static const char *const conn_state_names[CONN_NSTATES] = {
-    [CONN_WAITING] = "waiting",
-    [CONN_CONNECTING] = "connecting",
-    [CONN_IDLE] = "idle",
-    [CONN_BUSY] = "busy",
-    [CONN_ROLLBACK] = "rollback",
-};
 
 /* One queued or running query; one allocation holding the copied sql and params. */
 typedef struct pgq {
@@ -65,38 +38,10 @@ typedef struct pgq {
     const char *sql;      /* inside this allocation */
 } pgq;
 
-typedef struct pconn {
-    pgpool *pool;
-    int id;
-    conn_state state;
-    PGconn *pg;
-    struct event *io;       /* socket event; re-created whenever the fd or the interest changes */
-    evutil_socket_t io_fd;
-    short io_what;
-    struct event *timer;    /* connect timeout (CONNECTING) or reconnect delay (WAITING) */
-    pgq *q;                 /* the caller's query while BUSY */
-    bool flushing;          /* PQflush returned 1: also waiting for EV_WRITE */
-    PGresult **res;         /* results of the running query, in order */
-    int nres, res_cap;
-    const char *err_state;  /* first error's SQLSTATE and message; point into res[] */
-    const char *err_msg;
-    const char *lost_why;   /* set when we give up on the connection ourselves */
-    int failures;           /* consecutive failed attempts: the backoff exponent */
-    bool ever_up;
-    double attempt_ms;      /* when the current connect attempt started */
-    double busy_since_ms;   /* when the running query was handed to libpq */
-    char fence[96];         /* application_name of the current session ("" before any) */
-} pconn;
-
 struct pgpool {
-    struct event_base *base;
-    pgpool_config cfg;      /* conninfo not kept: see kw/val */
-    const char **kw;        /* PQconnectStartParams arrays, NULL-terminated, owned */
-    const char **val;
-    int app_idx;            /* index of application_name in kw/val (-1: none); its value is set per attempt */
-    char *app_name;         /* the prefix of fence tokens */
+    pgpool_connector cx;    /* how the slots connect, and how many are in each state */
+    pgpool_config cfg;      /* conninfo and app_name not kept: see cx */
     pconn *conns;
-    int nstate[CONN_NSTATES];
     pgq *head, *tail;
     int nqueued;
     struct event *kick;     /* activated to dispatch queued queries from the loop */
@@ -106,68 +51,20 @@ struct pgpool {
     bool closing;           /* pgpool_free() called: refuse new queries */
     int depth;              /* user callbacks on the stack */
     uint64_t next_id;
-    pgpool_counters st;
+    pgpool_counters st;     /* connect_failures and reconnects are cx's */
 };
 
-static void conn_io_cb(evutil_socket_t fd, short what, void *arg);
-
 /* ---- small helpers ---- */
-
-static double now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
-}
-
-static struct timeval ms_to_tv(int ms)
-{
-    struct timeval tv = { .tv_sec = ms / 1000, .tv_usec = (ms % 1000) * 1000 };
-    return tv;
-}
-
-/* Copies in to out as one line for a quoted log value: whitespace runs become
- * one space, double quotes become single ones, trimmed. Returns out. */
-static const char *squash(const char *in, char *out, size_t outlen)
-{
-    size_t n = 0;
-    bool space = false;
-    if (!in)
-        in = "";
-    for (; *in && n + 1 < outlen; in++) {
-        char ch = *in;
-        if (ch == '\n' || ch == '\r' || ch == '\t' || ch == ' ') {
-            space = n > 0;
-            continue;
-        }
-        if (space && n + 2 < outlen)
-            out[n++] = ' ';
-        space = false;
-        out[n++] = ch == '"' ? '\'' : ch;
-    }
-    out[n] = '\0';
-    return out;
-}
-
-/* Reconnect delay after `failures` consecutive failed attempts: the one
- * backoff rule (base/backoff.h) from 2 * reconnect_min_ms up to
- * reconnect_max_ms, so connections dropped together do not come back
- * together; never below reconnect_min_ms. */
-static int reconnect_delay_ms(pgpool *p, int failures)
-{
-    int delay = backoff_ms((int64_t)p->cfg.reconnect_min_ms * 2, failures, p->cfg.reconnect_max_ms);
-    return delay < p->cfg.reconnect_min_ms ? p->cfg.reconnect_min_ms : delay;
-}
 
 static bool pool_is_up(const pgpool *p)
 {
     return !p->closing &&
-           p->nstate[CONN_IDLE] + p->nstate[CONN_BUSY] + p->nstate[CONN_ROLLBACK] > 0;
+           p->cx.nstate[CONN_IDLE] + p->cx.nstate[CONN_BUSY] + p->cx.nstate[CONN_ROLLBACK] > 0;
 }
 
 static void pool_kick(pgpool *p)
 {
-    if (!p->closing && p->head && p->nstate[CONN_IDLE] > 0)
+    if (!p->closing && p->head && p->cx.nstate[CONN_IDLE] > 0)
         event_active(p->kick, EV_TIMEOUT, 1);
 }
 
@@ -182,145 +79,6 @@ static pgq *queue_pop(pgpool *p)
         p->nqueued--;
     }
     return q;
-}
-
-/* ---- connection state ---- */
-
-static void conn_set_state(pconn *c, conn_state to)
-{
-    pgpool *p = c->pool;
-    if (c->state == to)
-        return;
-    log_debug("pgpool event=state conn=%d from=%s to=%s", c->id, conn_state_names[c->state],
-              conn_state_names[to]);
-    p->nstate[c->state]--;
-    p->nstate[to]++;
-    c->state = to;
-}
-
-static void conn_clear_results(pconn *c)
-{
-    for (int i = 0; i < c->nres; i++)
-        PQclear(c->res[i]);
-    c->nres = 0;
-    c->err_state = NULL;
-    c->err_msg = NULL;
-}
-
-/* Drops the PGconn and its socket event (the event first: libpq closes the fd). */
-static void conn_close(pconn *c)
-{
-    if (c->io) {
-        event_free(c->io);
-        c->io = NULL;
-    }
-    if (c->timer)
-        evtimer_del(c->timer);
-    conn_clear_results(c);
-    c->flushing = false;
-    c->lost_why = NULL;
-    if (c->pg) {
-        PQfinish(c->pg);
-        c->pg = NULL;
-    }
-}
-
-/* Watches the connection's socket for `what` (plus EV_PERSIST). While
- * connecting, libpq may have switched to a new socket that got the old fd
- * number, so the event is re-created at every step there. */
-static bool conn_watch(pconn *c, short what)
-{
-    evutil_socket_t fd = PQsocket(c->pg);
-    if (c->io && c->io_fd == fd && c->io_what == what && c->state != CONN_CONNECTING)
-        return true;
-    if (c->io) {
-        event_free(c->io);
-        c->io = NULL;
-    }
-    if (fd < 0)
-        return false;
-    c->io = event_new(c->pool->base, fd, (short)(what | EV_PERSIST), conn_io_cb, c);
-    if (!c->io)
-        return false;
-    if (event_add(c->io, NULL) != 0) {
-        event_free(c->io);
-        c->io = NULL;
-        return false;
-    }
-    c->io_fd = fd;
-    c->io_what = what;
-    return true;
-}
-
-static void conn_schedule_reconnect(pconn *c)
-{
-    pgpool *p = c->pool;
-    int delay = reconnect_delay_ms(p, c->failures);
-    struct timeval tv = ms_to_tv(delay);
-    conn_set_state(c, CONN_WAITING);
-    evtimer_add(c->timer, &tv);
-    log_info("pgpool event=reconnect_scheduled conn=%d delay_ms=%d failures=%d", c->id, delay,
-             c->failures);
-}
-
-static void conn_attempt_failed(pconn *c, const char *why)
-{
-    pgpool *p = c->pool;
-    char buf[ERRBUF_LEN];
-    p->st.connect_failures++;
-    c->failures++;
-    log_warn("pgpool event=connect_failed conn=%d failures=%d elapsed_ms=%.0f error=\"%s\"", c->id,
-             c->failures, now_ms() - c->attempt_ms, squash(why, buf, sizeof(buf)));
-    conn_close(c);
-    conn_schedule_reconnect(c);
-}
-
-/* Forwards server notices and warnings to our log instead of libpq's stderr. */
-static void conn_notice(void *arg, const PGresult *res)
-{
-    const pconn *c = arg;
-    const char *sev = PQresultErrorField(res, PG_DIAG_SEVERITY_NONLOCALIZED);
-    const char *code = PQresultErrorField(res, PG_DIAG_SQLSTATE);
-    char buf[ERRBUF_LEN];
-    squash(PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY), buf, sizeof(buf));
-    /* An ERROR or FATAL here is the server saying why it closes an idle session. */
-    if (sev && (strcmp(sev, "WARNING") == 0 || strcmp(sev, "ERROR") == 0 ||
-                strcmp(sev, "FATAL") == 0 || strcmp(sev, "PANIC") == 0))
-        log_warn("pgpool event=server_notice conn=%d severity=%s sqlstate=%s msg=\"%s\"", c->id,
-                 sev, code ? code : "", buf);
-    else
-        log_debug("pgpool event=server_notice conn=%d severity=%s sqlstate=%s msg=\"%s\"", c->id,
-                  sev ? sev : "", code ? code : "", buf);
-}
-
-static void conn_start(pconn *c)
-{
-    pgpool *p = c->pool;
-    struct timeval tv = ms_to_tv(p->cfg.connect_timeout_ms);
-    c->attempt_ms = now_ms();
-    if (p->app_idx >= 0) {
-        /* A fresh token per session: a lost session can be found (and
-         * terminated) by it, and no later session shares it. */
-        snprintf(c->fence, sizeof(c->fence), "%s/%016llx", p->app_name, (unsigned long long)rng_next());
-        p->val[p->app_idx] = c->fence;
-    }
-    c->pg = PQconnectStartParams(p->kw, p->val, 0);
-    if (p->app_idx >= 0)
-        p->val[p->app_idx] = NULL;
-    if (!c->pg) {
-        conn_attempt_failed(c, "out of memory");
-        return;
-    }
-    PQsetNoticeReceiver(c->pg, conn_notice, c);
-    if (PQstatus(c->pg) == CONNECTION_BAD) {
-        conn_attempt_failed(c, PQerrorMessage(c->pg));
-        return;
-    }
-    conn_set_state(c, CONN_CONNECTING);
-    evtimer_add(c->timer, &tv);
-    /* Before the first PQconnectPoll, behave as if it had said WRITING. */
-    if (!conn_watch(c, EV_WRITE))
-        conn_attempt_failed(c, "cannot watch the socket");
 }
 
 /* ---- running callbacks ---- */
@@ -354,7 +112,7 @@ static const char *status_name(pgq_status s)
 /* Runs q's callback once and frees q. */
 static void run_callback(pgpool *p, pgq *q, pgpool_reply *r)
 {
-    r->elapsed_ms = now_ms() - q->enqueued_ms;
+    r->elapsed_ms = pgpool_now_ms() - q->enqueued_ms;
     if (!r->fence)
         r->fence = "";
     if (r->status == PGQ_SQL_ERROR)
@@ -412,26 +170,26 @@ PC_MUSTCHECK static bool pool_updown(pgpool *p)
 PC_MUSTCHECK static bool conn_lost(pconn *c)
 {
     pgpool *p = c->pool;
-    char why[ERRBUF_LEN];
+    char why[PGPOOL_ERRBUF_LEN];
     char sqlstate[6] = "";
     pgq *q = c->q;
     if (c->lost_why)
-        squash(c->lost_why, why, sizeof(why));
+        pgpool_squash(c->lost_why, why, sizeof(why));
     else if (c->err_msg)    /* e.g. "terminating connection due to administrator command" */
-        squash(c->err_msg, why, sizeof(why));
+        pgpool_squash(c->err_msg, why, sizeof(why));
     else
-        squash(c->pg ? PQerrorMessage(c->pg) : "no connection", why, sizeof(why));
+        pgpool_squash(c->pg ? PQerrorMessage(c->pg) : "no connection", why, sizeof(why));
     if (!why[0])
-        squash("connection lost", why, sizeof(why));
+        pgpool_squash("connection lost", why, sizeof(why));
     if (c->err_state)
         snprintf(sqlstate, sizeof(sqlstate), "%s", c->err_state);
     log_warn("pgpool event=conn_lost conn=%d state=%s query=%llu error=\"%s\"", c->id,
-             conn_state_names[c->state], q ? (unsigned long long)q->id : 0ULL, why);
+             pgpool_conn_state_name(c->state), q ? (unsigned long long)q->id : 0ULL, why);
     p->st.disconnects++;
     c->q = NULL;
-    conn_close(c);
+    pgpool_conn_close(c);
     c->failures = 0;
-    conn_schedule_reconnect(c);
+    pgpool_conn_schedule_reconnect(c);
     if (q) {
         pgpool_reply r = { .status = PGQ_CONN_LOST, .sqlstate = sqlstate, .errmsg = why,
                            .sent = true, .fence = c->fence };
@@ -439,78 +197,6 @@ PC_MUSTCHECK static bool conn_lost(pconn *c)
             return true;
     }
     return pool_updown(p);
-}
-
-/* ---- connecting ---- */
-
-PC_MUSTCHECK static bool conn_established(pconn *c)
-{
-    pgpool *p = c->pool;
-    const char *scs = PQparameterStatus(c->pg, "standard_conforming_strings");
-    const char *enc = PQparameterStatus(c->pg, "client_encoding");
-    char buf[ERRBUF_LEN];
-
-    evtimer_del(c->timer);
-    if (!scs || strcmp(scs, "on") != 0 || !enc || strcmp(enc, "UTF8") != 0) {
-        snprintf(buf, sizeof(buf), "server runs standard_conforming_strings=%s client_encoding=%s; "
-                 "need on and UTF8", scs ? scs : "?", enc ? enc : "?");
-        conn_attempt_failed(c, buf);
-        return false;
-    }
-    if (PQsetnonblocking(c->pg, 1) != 0) {
-        conn_attempt_failed(c, PQerrorMessage(c->pg));
-        return false;
-    }
-    if (!conn_watch(c, EV_READ)) {
-        conn_attempt_failed(c, "cannot watch the socket");
-        return false;
-    }
-    if (c->ever_up)
-        p->st.reconnects++;
-    c->ever_up = true;
-    c->failures = 0;
-    log_info("pgpool event=connect_ok conn=%d backend_pid=%d server_version=%d host=%s "
-             "elapsed_ms=%.1f", c->id, PQbackendPID(c->pg), PQserverVersion(c->pg),
-             squash(PQhost(c->pg), buf, sizeof(buf)), now_ms() - c->attempt_ms);
-    conn_set_state(c, CONN_IDLE);
-    pool_kick(p);
-    return pool_updown(p);
-}
-
-/* One PQconnectPoll step; the socket may be a new one after each. */
-PC_MUSTCHECK static bool conn_connect_step(pconn *c)
-{
-    switch (PQconnectPoll(c->pg)) {
-    case PGRES_POLLING_READING:
-        if (!conn_watch(c, EV_READ))
-            conn_attempt_failed(c, "cannot watch the socket");
-        return false;
-    case PGRES_POLLING_WRITING:
-    case PGRES_POLLING_ACTIVE:  /* unused by libpq; "call again" */
-        if (!conn_watch(c, EV_WRITE))
-            conn_attempt_failed(c, "cannot watch the socket");
-        return false;
-    case PGRES_POLLING_OK:
-        return conn_established(c);
-    case PGRES_POLLING_FAILED:
-        break;
-    }
-    conn_attempt_failed(c, PQerrorMessage(c->pg));
-    return false;
-}
-
-static void conn_timer_cb(evutil_socket_t fd, short what, void *arg)
-{
-    pconn *c = arg;
-    char buf[96];
-    (void)fd;
-    (void)what;
-    if (c->state == CONN_WAITING) {
-        conn_start(c);
-    } else if (c->state == CONN_CONNECTING) {
-        snprintf(buf, sizeof(buf), "timeout after %d ms", c->pool->cfg.connect_timeout_ms);
-        conn_attempt_failed(c, buf);
-    }
 }
 
 /* ---- queries ---- */
@@ -522,7 +208,7 @@ static bool conn_flush(pconn *c)
     if (r < 0)
         return false;
     c->flushing = r == 1;
-    return conn_watch(c, c->flushing ? (short)(EV_READ | EV_WRITE) : EV_READ);
+    return pgpool_conn_watch(c, c->flushing ? (short)(EV_READ | EV_WRITE) : EV_READ);
 }
 
 /* Hands q (NULL: our ROLLBACK) to libpq; false if the connection broke. */
@@ -595,17 +281,17 @@ PC_MUSTCHECK static bool conn_query_done(pconn *c)
     c->q = NULL;
     if (finish_query(p, q, &r))
         return true;
-    conn_clear_results(c);  /* the results lived only through the callback */
+    pgpool_conn_clear_results(c);  /* the results lived only through the callback */
 
     switch (PQtransactionStatus(c->pg)) {
     case PQTRANS_IDLE:
-        conn_set_state(c, CONN_IDLE);
+        pgpool_conn_set_state(c, CONN_IDLE);
         pool_kick(p);
         return false;
     case PQTRANS_INTRANS:
     case PQTRANS_INERROR:
         log_debug("pgpool event=rollback conn=%d", c->id);
-        conn_set_state(c, CONN_ROLLBACK);
+        pgpool_conn_set_state(c, CONN_ROLLBACK);
         if (!conn_submit(c, NULL))
             return conn_lost(c);
         return false;
@@ -619,14 +305,14 @@ PC_MUSTCHECK static bool conn_rollback_done(pconn *c)
 {
     pgpool *p = c->pool;
     if (c->err_msg || PQtransactionStatus(c->pg) != PQTRANS_IDLE) {
-        char buf[ERRBUF_LEN];
+        char buf[PGPOOL_ERRBUF_LEN];
         log_warn("pgpool event=rollback_failed conn=%d sqlstate=%s error=\"%s\"", c->id,
-                 c->err_state ? c->err_state : "", squash(c->err_msg, buf, sizeof(buf)));
+                 c->err_state ? c->err_state : "", pgpool_squash(c->err_msg, buf, sizeof(buf)));
         c->lost_why = "ROLLBACK after a query failed; connection dropped";
         return conn_lost(c);
     }
-    conn_clear_results(c);
-    conn_set_state(c, CONN_IDLE);
+    pgpool_conn_clear_results(c);
+    pgpool_conn_set_state(c, CONN_IDLE);
     pool_kick(p);
     return false;
 }
@@ -669,14 +355,19 @@ PC_MUSTCHECK static bool conn_io(pconn *c, short what)
     return c->state == CONN_BUSY ? conn_query_done(c) : conn_rollback_done(c);
 }
 
+/* The socket event of every slot (pgpool_connector.io_cb). */
 static void conn_io_cb(evutil_socket_t fd, short what, void *arg)
 {
     pconn *c = arg;
     (void)fd;
     switch (c->state) {
     case CONN_CONNECTING:
-        if (conn_connect_step(c))
-            return;    /* the pool is gone */
+        if (pgpool_conn_step(c)) {
+            /* Up: it takes a queued query, and the pool may be up again. */
+            pool_kick(c->pool);
+            if (pool_updown(c->pool))
+                return;    /* the pool is gone */
+        }
         break;
     case CONN_IDLE:
     case CONN_BUSY:
@@ -711,11 +402,11 @@ PC_MUSTCHECK static bool pool_dispatch(pgpool *p)
         }
         pgq *q = queue_pop(p);
         c->q = q;
-        c->busy_since_ms = now_ms();
-        conn_set_state(c, CONN_BUSY);
+        c->busy_since_ms = pgpool_now_ms();
+        pgpool_conn_set_state(c, CONN_BUSY);
         log_debug("pgpool event=query_start conn=%d query=%llu nparams=%d queued_ms=%.2f", c->id,
                   (unsigned long long)q->id, q->nparams < 0 ? 0 : q->nparams,
-                  now_ms() - q->enqueued_ms);
+                  pgpool_now_ms() - q->enqueued_ms);
         if (!conn_submit(c, q) && conn_lost(c))
             return true;
     }
@@ -748,126 +439,21 @@ static void pool_destroy(pgpool *p)
             continue;
         q = c->q;
         c->q = NULL;
-        conn_clear_results(c);
+        pgpool_conn_clear_results(c);
         pgpool_reply r = { .status = PGQ_CONN_LOST, .sqlstate = "", .errmsg = "pool shut down",
                            .sent = true };
         run_callback(p, q, &r);
     }
-    for (int i = 0; p->conns && i < p->cfg.size; i++) {
-        pconn *c = &p->conns[i];
-        conn_close(c);
-        if (c->timer)
-            event_free(c->timer);
-        free(c->res);
-    }
+    for (int i = 0; p->conns && i < p->cfg.size; i++)
+        pgpool_conn_deinit(&p->conns[i]);
     if (p->kick)
         event_free(p->kick);
-    if (p->kw) {
-        for (int i = 0; p->kw[i]; i++) {
-            free((char *)p->kw[i]);
-            if (i != p->app_idx)
-                free((char *)p->val[i]);
-        }
-    }
-    free(p->app_name);
-    free(p->kw);
-    free(p->val);
+    pgpool_conn_params_free(&p->cx);
     free(p->conns);
     free(p);
 }
 
 /* ---- setup ---- */
-
-static bool kw_add(pgpool *p, int *n, const char *k, const char *v)
-{
-    char *kc = strdup(k), *vc = strdup(v);
-    if (!kc || !vc) {
-        free(kc);
-        free(vc);
-        return false;
-    }
-    p->kw[*n] = kc;
-    p->val[*n] = vc;
-    (*n)++;
-    return true;
-}
-
-/* Turns the conninfo into PQconnectStartParams arrays with our forced settings. */
-static bool pool_build_params(pgpool *p, const char *conninfo)
-{
-    static const char scs_opt[] = "-c standard_conforming_strings=on";
-    char lt_opt[48] = "";
-    char *err = NULL, *options = NULL;
-    char buf[ERRBUF_LEN];
-    bool ok = false, have_fallback = false;
-    const char *user_options = NULL;
-    size_t nopts = 0;
-    int n = 0;
-
-    PQconninfoOption *opts = PQconninfoParse(conninfo ? conninfo : "", &err);
-    if (!opts) {
-        log_error("pgpool event=bad_conninfo error=\"%s\"",
-                  squash(err ? err : "out of memory", buf, sizeof(buf)));
-        goto out;
-    }
-    for (PQconninfoOption *o = opts; o->keyword; o++)
-        nopts++;
-    p->kw = calloc(nopts + 6, sizeof(*p->kw));
-    p->val = calloc(nopts + 6, sizeof(*p->val));
-    if (!p->kw || !p->val)
-        goto oom;
-    for (PQconninfoOption *o = opts; o->keyword; o++) {
-        if (!o->val || !o->val[0])
-            continue;    /* libpq ignores empty values too */
-        if (strcmp(o->keyword, "options") == 0) {
-            user_options = o->val;
-            continue;
-        }
-        if (strcmp(o->keyword, "client_encoding") == 0)
-            continue;    /* forced below */
-        if (strcmp(o->keyword, "fallback_application_name") == 0)
-            have_fallback = true;
-        if (p->cfg.app_name && strcmp(o->keyword, "application_name") == 0)
-            continue;    /* the fence token takes its place */
-        if (!kw_add(p, &n, o->keyword, o->val))
-            goto oom;
-    }
-    /* An explicit "options" hides PGOPTIONS, so carry it over. */
-    if (!user_options)
-        user_options = getenv("PGOPTIONS");
-    if (!user_options)
-        user_options = "";
-    if (p->cfg.lock_timeout_ms > 0)
-        snprintf(lt_opt, sizeof(lt_opt), " -c lock_timeout=%dms", p->cfg.lock_timeout_ms);
-    size_t len = strlen(user_options) + sizeof(scs_opt) + strlen(lt_opt) + 1;
-    options = malloc(len);
-    if (!options)
-        goto oom;
-    snprintf(options, len, "%s%s%s%s", user_options, user_options[0] ? " " : "", scs_opt, lt_opt);
-    if (!kw_add(p, &n, "options", options) || !kw_add(p, &n, "client_encoding", "UTF8"))
-        goto oom;
-    if (!have_fallback && !kw_add(p, &n, "fallback_application_name", "paycoord"))
-        goto oom;
-    if (p->cfg.app_name) {
-        /* The value is filled in per connection attempt (conn_start). */
-        if (!kw_add(p, &n, "application_name", ""))
-            goto oom;
-        p->app_idx = n - 1;
-        free((char *)p->val[p->app_idx]);
-        p->val[p->app_idx] = NULL;
-    }
-    ok = true;
-    goto out;
-oom:
-    log_error("pgpool event=setup_failed error=\"out of memory\"");
-out:
-    free(options);
-    if (opts)
-        PQconninfoFree(opts);
-    if (err)
-        PQfreemem(err);
-    return ok;
-}
 
 static bool config_valid(const pgpool_config *cfg)
 {
@@ -894,31 +480,29 @@ pgpool *pgpool_new(struct event_base *base, const pgpool_config *cfg)
     pgpool *p = calloc(1, sizeof(*p));
     if (!p)
         return NULL;
-    p->base = base;
     p->cfg = *cfg;
     p->cfg.conninfo = NULL;
-    p->app_idx = -1;
-    if (cfg->app_name && !(p->app_name = strdup(cfg->app_name)))
+    p->cfg.app_name = NULL;
+    p->cx.base = base;
+    p->cx.app_idx = -1;
+    p->cx.connect_timeout_ms = cfg->connect_timeout_ms;
+    p->cx.reconnect_min_ms = cfg->reconnect_min_ms;
+    p->cx.reconnect_max_ms = cfg->reconnect_max_ms;
+    p->cx.lock_timeout_ms = cfg->lock_timeout_ms;
+    p->cx.io_cb = conn_io_cb;
+    if (cfg->app_name && !(p->cx.app_name = strdup(cfg->app_name)))
         goto fail;
-    p->cfg.app_name = p->app_name;
     p->conns = calloc((size_t)cfg->size, sizeof(*p->conns));
     p->kick = event_new(base, -1, 0, kick_cb, p);
     if (!p->conns || !p->kick)
         goto fail;
-    for (int i = 0; i < cfg->size; i++) {
-        pconn *c = &p->conns[i];
-        c->pool = p;
-        c->id = i;
-        c->state = CONN_WAITING;
-        p->nstate[CONN_WAITING]++;
-        c->timer = evtimer_new(base, conn_timer_cb, c);
-        if (!c->timer)
+    for (int i = 0; i < cfg->size; i++)
+        if (!pgpool_conn_init(&p->conns[i], &p->cx, p, i))
             goto fail;
-    }
-    if (!pool_build_params(p, cfg->conninfo))
+    if (!pgpool_conn_params(&p->cx, cfg->conninfo))
         goto fail;
     for (int i = 0; i < cfg->size; i++)
-        conn_start(&p->conns[i]);
+        pgpool_conn_start(&p->conns[i]);
     return p;
 fail:
     log_error("pgpool event=setup_failed size=%d", cfg->size);
@@ -958,7 +542,7 @@ static pgq *query_new(pgpool *p, const char *sql, int nparams, const char *const
     q->cb = cb;
     q->arg = arg;
     q->id = ++p->next_id;
-    q->enqueued_ms = now_ms();
+    q->enqueued_ms = pgpool_now_ms();
     q->nparams = nparams;
     q->params = nparams < 0 ? NULL : params;
     for (int i = 0; i < np; i++) {
@@ -985,7 +569,7 @@ static int pool_submit(pgpool *p, const char *sql, int nparams, const char *cons
         p->st.rejected++;
         return PGPOOL_UNAVAILABLE;
     }
-    if (p->nqueued - p->nstate[CONN_IDLE] >= p->cfg.max_queue) {
+    if (p->nqueued - p->cx.nstate[CONN_IDLE] >= p->cfg.max_queue) {
         p->st.rejected++;
         log_debug("pgpool event=overloaded queued=%d max_queue=%d", p->nqueued, p->cfg.max_queue);
         return PGPOOL_OVERLOADED;
@@ -1028,14 +612,14 @@ bool pgpool_is_up(const pgpool *p) { return p && pool_is_up(p); }
 int pgpool_size(const pgpool *p) { return p->cfg.size; }
 int pgpool_connected(const pgpool *p)
 {
-    return p->nstate[CONN_IDLE] + p->nstate[CONN_BUSY] + p->nstate[CONN_ROLLBACK];
+    return p->cx.nstate[CONN_IDLE] + p->cx.nstate[CONN_BUSY] + p->cx.nstate[CONN_ROLLBACK];
 }
-int pgpool_busy(const pgpool *p) { return p->nstate[CONN_BUSY] + p->nstate[CONN_ROLLBACK]; }
+int pgpool_busy(const pgpool *p) { return p->cx.nstate[CONN_BUSY] + p->cx.nstate[CONN_ROLLBACK]; }
 int pgpool_queued(const pgpool *p) { return p->nqueued; }
 
 int pgpool_oldest_busy_ms(const pgpool *p)
 {
-    double now = now_ms(), oldest = 0;
+    double now = pgpool_now_ms(), oldest = 0;
     for (int i = 0; i < p->cfg.size; i++)
         if (p->conns[i].state == CONN_BUSY && now - p->conns[i].busy_since_ms > oldest)
             oldest = now - p->conns[i].busy_since_ms;
@@ -1051,4 +635,6 @@ void pgpool_set_state_cb(pgpool *p, void (*cb)(bool up, void *arg), void *arg)
 void pgpool_stats(const pgpool *p, pgpool_counters *out)
 {
     *out = p->st;
+    out->connect_failures = p->cx.connect_failures;
+    out->reconnects = p->cx.reconnects;
 }

@@ -1,10 +1,13 @@
 /*
- * psp.c - the payment-processor client (PROCESSOR.md): libcurl multi handle
- * driven by libevent, one easy handle per call, answers mapped to psp_outcome.
+ * psp.c - the payment-processor client (docs/processor.md): libcurl multi
+ * handle driven by libevent, one easy handle per call; psp_classify.c maps
+ * the answers to psp_outcome.
  */
 #include "psp.h"
 #include "gid.h"
+#include "list.h"
 #include "log.h"
+#include "loop.h"
 
 #include <arpa/inet.h>
 #include <curl/curl.h>
@@ -14,14 +17,14 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
-#include <time.h>
 
 #ifndef PAYCOORD_VERSION
 #define PAYCOORD_VERSION "dev"
 #endif
 
 /*
- * Request lifecycle (each psp_req is on exactly one of the client's lists):
+ * Request lifecycle (each psp_req is on exactly one of the client's lists
+ * from submission until its callback has run):
  *
  *   1. psp_create/get/cancel/refund builds the easy handle and adds it to the
  *      multi handle: ACTIVE list. If curl_multi_add_handle fails the request
@@ -43,7 +46,6 @@
 #define EASY_CACHE_MAX 32              /* idle easy handles kept for reuse */
 #define DEFAULT_CONNECT_TIMEOUT_MS 2000L
 #define DEFAULT_REQUEST_TIMEOUT_MS 10000L
-#define MAX_GID_LEN 255                /* fits psp_payment.idempotency_key */
 
 typedef enum { CALL_CREATE, CALL_GET, CALL_CANCEL, CALL_REFUND } psp_call;
 
@@ -54,7 +56,7 @@ typedef struct psp_sock psp_sock;
 
 struct psp_req {
     psp_client *c;
-    psp_req *prev, *next;              /* on c->active or c->done */
+    pc_list link;                      /* on c->active or c->done */
     psp_call call;
     CURL *easy;
     bool in_multi;
@@ -78,14 +80,10 @@ struct psp_req {
 /* One per socket curl asked us to watch (CURLMOPT_SOCKETFUNCTION). */
 struct psp_sock {
     psp_client *c;
-    psp_sock *prev, *next;
+    pc_list link;                      /* on c->socks */
     curl_socket_t fd;
     struct event *ev;
 };
-
-typedef struct req_list {
-    psp_req *head, *tail;
-} req_list;
 
 struct psp_client {
     struct event_base *base;
@@ -97,8 +95,8 @@ struct psp_client {
     long connect_timeout_ms;
     long request_timeout_ms;
     bool verify_peer;
-    req_list active, done;
-    psp_sock *socks;
+    pc_list active, done;              /* psp_req.link */
+    pc_list socks;                     /* psp_sock.link */
     CURL *easy_cache[EASY_CACHE_MAX];
     int n_easy_cache;
     int in_flight;
@@ -111,47 +109,17 @@ struct psp_client {
 
 /* ---- small helpers ---------------------------------------------------- */
 
+/* The daemon's clock (loop.h), in fractional milliseconds for latencies. */
 static double now_ms(void)
 {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec * 1000.0 + (double)ts.tv_nsec / 1e6;
+    return (double)loop_now_us() / 1000.0;
 }
 
-static void list_push(req_list *l, psp_req *r)
+/* Move r from c->active to the end of c->done. */
+static void req_to_done(psp_client *c, psp_req *r)
 {
-    r->next = NULL;
-    r->prev = l->tail;
-    if (l->tail)
-        l->tail->next = r;
-    else
-        l->head = r;
-    l->tail = r;
-}
-
-static void list_unlink(req_list *l, psp_req *r)
-{
-    if (r->prev)
-        r->prev->next = r->next;
-    else
-        l->head = r->next;
-    if (r->next)
-        r->next->prev = r->prev;
-    else
-        l->tail = r->prev;
-    r->prev = r->next = NULL;
-}
-
-/* Copy src into dst[size]; false (dst = "") if it does not fit. */
-static bool copy_str(char *dst, size_t size, const char *src)
-{
-    size_t n = strlen(src);
-    if (n >= size) {
-        dst[0] = '\0';
-        return false;
-    }
-    memcpy(dst, src, n + 1);
-    return true;
+    list_unlink(&r->link);
+    list_push_tail(&c->done, &r->link);
 }
 
 /*
@@ -186,227 +154,6 @@ static const char *kv(char *buf, size_t size, const char *s)
 static bool key_valid(const char *gid)
 {
     return gid != NULL && gid_valid(gid, strlen(gid));
-}
-
-/* ---- answer classification (pure) ------------------------------------- */
-
-const char *psp_outcome_name(psp_outcome o)
-{
-    switch (o) {
-    case PSP_PAYMENT: return "payment";
-    case PSP_NOT_FOUND: return "not_found";
-    case PSP_ALREADY_SUCCEEDED: return "already_succeeded";
-    case PSP_CONFLICT: return "conflict";
-    case PSP_INVALID: return "invalid";
-    case PSP_AUTH: return "auth";
-    case PSP_UNSUPPORTED: return "unsupported";
-    case PSP_RATE_LIMITED: return "rate_limited";
-    case PSP_UNKNOWN: return "unknown";
-    }
-    return "?";
-}
-
-const char *psp_status_name(psp_status s)
-{
-    switch (s) {
-    case PSP_ST_NONE: return "none";
-    case PSP_ST_SUCCEEDED: return "succeeded";
-    case PSP_ST_DECLINED: return "declined";
-    case PSP_ST_PENDING: return "pending";
-    case PSP_ST_CANCELED: return "canceled";
-    }
-    return "?";
-}
-
-static bool parse_status(const char *s, psp_status *out)
-{
-    static const struct { const char *name; psp_status st; } names[] = {
-        { "succeeded", PSP_ST_SUCCEEDED }, { "declined", PSP_ST_DECLINED },
-        { "pending", PSP_ST_PENDING }, { "canceled", PSP_ST_CANCELED },
-    };
-    for (size_t i = 0; i < PC_ARRAY_LEN(names); i++)
-        if (strcmp(s, names[i].name) == 0) {
-            *out = names[i].st;
-            return true;
-        }
-    return false;
-}
-
-/* An integral JSON number that a double holds exactly (|x| <= 2^53). */
-static bool json_int(const cJSON *item, int64_t *out)
-{
-    if (!cJSON_IsNumber(item))
-        return false;
-    double d = item->valuedouble;
-    if (!(d >= -9007199254740992.0 && d <= 9007199254740992.0))
-        return false;
-    int64_t v = (int64_t)d;
-    if ((double)v != d)
-        return false;
-    *out = v;
-    return true;
-}
-
-/*
- * Fill p from a payment object. Required: id, idempotency_key (== gid when
- * gid is given), status (one of the four), amount, currency (3 letters; both
- * may be null when canceled), created. Optional: decline_code (string or
- * null; truncated to fit), refunded (bool). Anything else is ignored. On
- * failure why says what.
- */
-static bool parse_payment(const cJSON *o, const char *gid, psp_payment *p, const char **why)
-{
-    memset(p, 0, sizeof(*p));
-    if (!cJSON_IsObject(o)) {
-        *why = "payment_not_an_object";
-        return false;
-    }
-    const cJSON *id = cJSON_GetObjectItemCaseSensitive(o, "id");
-    const cJSON *key = cJSON_GetObjectItemCaseSensitive(o, "idempotency_key");
-    const cJSON *status = cJSON_GetObjectItemCaseSensitive(o, "status");
-    const cJSON *amount = cJSON_GetObjectItemCaseSensitive(o, "amount");
-    const cJSON *currency = cJSON_GetObjectItemCaseSensitive(o, "currency");
-    const cJSON *created = cJSON_GetObjectItemCaseSensitive(o, "created");
-    const cJSON *decline = cJSON_GetObjectItemCaseSensitive(o, "decline_code");
-    const cJSON *refunded = cJSON_GetObjectItemCaseSensitive(o, "refunded");
-
-    if (!cJSON_IsString(id) || id->valuestring[0] == '\0' ||
-        !copy_str(p->id, sizeof(p->id), id->valuestring)) {
-        *why = "payment_bad_id";
-        return false;
-    }
-    if (!cJSON_IsString(key) || !copy_str(p->idempotency_key, sizeof(p->idempotency_key),
-                                          key->valuestring)) {
-        *why = "payment_bad_idempotency_key";
-        return false;
-    }
-    if (gid != NULL && strcmp(gid, p->idempotency_key) != 0) {
-        *why = "payment_key_mismatch";
-        return false;
-    }
-    if (!cJSON_IsString(status) || !parse_status(status->valuestring, &p->status)) {
-        *why = "payment_bad_status";
-        return false;
-    }
-    /* A canceled tombstone (cancel of an unknown key) has no amount or
-     * currency: null or absent is accepted there, and only there. */
-    bool tombstone_ok = p->status == PSP_ST_CANCELED;
-    if (tombstone_ok && (amount == NULL || cJSON_IsNull(amount))) {
-        p->amount = 0;
-    } else if (!json_int(amount, &p->amount)) {
-        *why = "payment_bad_amount";
-        return false;
-    }
-    if (tombstone_ok && (currency == NULL || cJSON_IsNull(currency))) {
-        p->currency[0] = '\0';
-    } else if (!cJSON_IsString(currency) || strlen(currency->valuestring) != 3 ||
-               !copy_str(p->currency, sizeof(p->currency), currency->valuestring)) {
-        *why = "payment_bad_currency";
-        return false;
-    }
-    if (!json_int(created, &p->created)) {
-        *why = "payment_bad_created";
-        return false;
-    }
-    if (cJSON_IsString(decline)) {
-        snprintf(p->decline_code, sizeof(p->decline_code), "%s", decline->valuestring);
-    } else if (decline != NULL && !cJSON_IsNull(decline)) {
-        *why = "payment_bad_decline_code";
-        return false;
-    }
-    if (cJSON_IsBool(refunded)) {
-        p->refunded = cJSON_IsTrue(refunded);
-    } else if (refunded != NULL && !cJSON_IsNull(refunded)) {
-        *why = "payment_bad_refunded";
-        return false;
-    }
-    return true;
-}
-
-/* error.code of an error body, or NULL. */
-static const char *error_code(const cJSON *root)
-{
-    const cJSON *err = cJSON_GetObjectItemCaseSensitive(root, "error");
-    const cJSON *code = cJSON_GetObjectItemCaseSensitive(err, "code");
-    return cJSON_IsString(code) ? code->valuestring : NULL;
-}
-
-void psp_classify(const char *gid, long http_status, const char *body, size_t len,
-                  psp_result *res)
-{
-    cJSON *root = NULL;
-    const char *code = NULL;
-    const char *why = NULL;
-
-    res->outcome = PSP_UNKNOWN;
-    res->http_status = http_status;
-    memset(&res->payment, 0, sizeof(res->payment));
-    res->error[0] = '\0';
-
-    if (body != NULL && len > 0)
-        root = cJSON_ParseWithLength(body, len);
-    code = error_code(root);
-
-    switch (http_status) {
-    case 200:
-    case 201:
-        if (root == NULL) {
-            snprintf(res->error, sizeof(res->error), "unparsable_body");
-        } else if (!parse_payment(root, gid, &res->payment, &why)) {
-            memset(&res->payment, 0, sizeof(res->payment));
-            snprintf(res->error, sizeof(res->error), "%s", why);
-        } else {
-            res->outcome = PSP_PAYMENT;
-        }
-        break;
-    case 404:
-        res->outcome = PSP_NOT_FOUND;
-        snprintf(res->error, sizeof(res->error), "%s", code ? code : "not_found");
-        break;
-    case 409:
-        if (code != NULL && strcmp(code, "already_succeeded") == 0) {
-            /* The answer is only useful with the payment it names. */
-            if (parse_payment(cJSON_GetObjectItemCaseSensitive(root, "payment"), gid,
-                              &res->payment, &why)) {
-                res->outcome = PSP_ALREADY_SUCCEEDED;
-                snprintf(res->error, sizeof(res->error), "already_succeeded");
-            } else {
-                memset(&res->payment, 0, sizeof(res->payment));
-                snprintf(res->error, sizeof(res->error), "already_succeeded_%s", why);
-            }
-        } else {
-            res->outcome = PSP_CONFLICT;
-            snprintf(res->error, sizeof(res->error), "%s", code ? code : "conflict");
-        }
-        break;
-    case 400:
-    case 422:
-        res->outcome = PSP_INVALID;
-        snprintf(res->error, sizeof(res->error), "%s", code ? code : "invalid_request");
-        break;
-    case 401:
-    case 403:
-        res->outcome = PSP_AUTH;
-        snprintf(res->error, sizeof(res->error), "%s", code ? code : "unauthorized");
-        break;
-    case 429:
-        res->outcome = PSP_RATE_LIMITED;
-        snprintf(res->error, sizeof(res->error), "%s", code ? code : "rate_limited");
-        break;
-    case 501:
-        res->outcome = PSP_UNSUPPORTED;
-        snprintf(res->error, sizeof(res->error), "%s", code ? code : "not_implemented");
-        break;
-    default:
-        /* 5xx, and anything the contract does not name (3xx: redirects
-         * are off): the outcome is unknown. */
-        if (code != NULL)
-            snprintf(res->error, sizeof(res->error), "http_%ld %s", http_status, code);
-        else
-            snprintf(res->error, sizeof(res->error), "http_%ld", http_status);
-        break;
-    }
-    cJSON_Delete(root);
 }
 
 /* ---- logging ---------------------------------------------------------- */
@@ -570,11 +317,11 @@ static void req_fail(psp_req *r, const char *error)
  */
 static bool run_completions(psp_client *c)
 {
-    psp_req *r;
+    pc_list *n;
 
     c->dispatch_depth++;
-    while ((r = c->done.head) != NULL) {
-        list_unlink(&c->done, r);
+    while ((n = list_pop_head(&c->done)) != NULL) {
+        psp_req *r = list_entry(n, psp_req, link);
         c->in_flight--;
         c->stats.completed++;
         if (r->res.outcome == PSP_UNKNOWN)
@@ -607,8 +354,7 @@ static bool drain_multi(psp_client *c)
         curl_multi_remove_handle(c->multi, e);
         r->in_multi = false;
         req_finish(r, code);
-        list_unlink(&c->active, r);
-        list_push(&c->done, r);
+        req_to_done(c, r);
     }
     return run_completions(c);
 }
@@ -658,14 +404,9 @@ static int curl_timer_cb(CURLM *multi, long timeout_ms, void *userp)
     return evtimer_add(c->timer, &tv) == 0 ? 0 : -1;
 }
 
-static void sock_free(psp_client *c, psp_sock *s)
+static void sock_free(psp_sock *s)
 {
-    if (s->prev)
-        s->prev->next = s->next;
-    else
-        c->socks = s->next;
-    if (s->next)
-        s->next->prev = s->prev;
+    list_unlink(&s->link);
     event_free(s->ev);
     free(s);
 }
@@ -678,7 +419,7 @@ static int curl_socket_cb(CURL *easy, curl_socket_t fd, int what, void *userp, v
 
     if (what == CURL_POLL_REMOVE) {
         if (s != NULL)
-            sock_free(c, s);
+            sock_free(s);
         return 0;
     }
     short kind = EV_PERSIST | ((what & CURL_POLL_IN) ? EV_READ : 0) |
@@ -694,10 +435,7 @@ static int curl_socket_cb(CURL *easy, curl_socket_t fd, int what, void *userp, v
             free(s);
             goto fail;
         }
-        s->next = c->socks;
-        if (c->socks)
-            c->socks->prev = s;
-        c->socks = s;
+        list_push_head(&c->socks, &s->link);
         curl_multi_assign(c->multi, fd, s);
     } else {
         event_del(s->ev);
@@ -759,6 +497,9 @@ psp_client *psp_new(struct event_base *base, const psp_config *cfg)
     c = calloc(1, sizeof(*c));
     if (c == NULL)
         goto out;
+    list_init(&c->active);
+    list_init(&c->done);
+    list_init(&c->socks);
     /* Reference-counted: harmless when main() already did it. */
     if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK) {
         why = "curl_global_init failed";
@@ -865,21 +606,21 @@ out:
 
 void psp_free(psp_client *c)
 {
-    psp_req *r;
+    pc_list *n;
 
     if (c == NULL || c->closing)
         return;
     c->closing = true;
 
     /* Abort every transfer; its callback fires now with "shutdown". */
-    while ((r = c->active.head) != NULL) {
+    while ((n = list_first(&c->active)) != NULL) {
+        psp_req *r = list_entry(n, psp_req, link);
         if (r->in_multi) {
             curl_multi_remove_handle(c->multi, r->easy);
             r->in_multi = false;
         }
         req_fail(r, "shutdown");
-        list_unlink(&c->active, r);
-        list_push(&c->done, r);
+        req_to_done(c, r);
     }
     /* Requests already DONE keep the answer they got. */
     c->dispatch_depth++;                /* keep c alive across these callbacks */
@@ -892,8 +633,8 @@ void psp_free(psp_client *c)
     if (c->multi != NULL)
         curl_multi_cleanup(c->multi);  /* may report CURL_POLL_REMOVE for cached connections */
     c->multi = NULL;
-    while (c->socks != NULL)
-        sock_free(c, c->socks);
+    while ((n = list_first(&c->socks)) != NULL)
+        sock_free(list_entry(n, psp_sock, link));
     if (c->timer)
         event_free(c->timer);
     if (c->done_ev)
@@ -963,6 +704,7 @@ static int submit(psp_client *c, psp_call call, const char *gid, const psp_creat
     if (r == NULL)
         goto out;
     r->c = c;
+    list_init(&r->link);
     r->call = call;
     r->cb = cb;
     r->arg = arg;
@@ -1039,7 +781,7 @@ static int submit(psp_client *c, psp_call call, const char *gid, const psp_creat
 #undef SETOPT
 
     r->start_ms = now_ms();
-    list_push(&c->active, r);
+    list_push_tail(&c->active, &r->link);
     c->in_flight++;
     c->stats.started++;
     log_debug("psp call=%s gid=%s start in_flight=%d", call_names[call],
@@ -1053,8 +795,7 @@ static int submit(psp_client *c, psp_call call, const char *gid, const psp_creat
         char err[128];
         snprintf(err, sizeof(err), "curl_multi_add_handle: %s", curl_multi_strerror(mc));
         req_fail(r, err);
-        list_unlink(&c->active, r);
-        list_push(&c->done, r);
+        req_to_done(c, r);
         static const struct timeval zero = { 0, 0 };
         evtimer_add(c->done_ev, &zero);
     }

@@ -1,5 +1,5 @@
 /*
- * psp.h - the payment-processor client (PROCESSOR.md), on libcurl's multi
+ * psp.h - the payment-processor client (docs/processor.md), on libcurl's multi
  * interface driven by libevent (CURLMOPT_SOCKETFUNCTION/TIMERFUNCTION with
  * curl_multi_socket_action). Keep-alive connections are reused; nothing
  * blocks the loop (no curl_easy_perform; the base URL must be an IP literal
@@ -100,13 +100,14 @@ const char *psp_status_name(psp_status s);
  *
  * Contract details of psp.c: psp_new returns NULL (logged) for a URL that is
  * not http(s), an empty token or one with control characters; connect or
- * request timeouts <= 0 fall back to 2000 / 10000 ms. A gid must be 1..255
- * printable ASCII characters without spaces, else the call returns -1.
+ * request timeouts <= 0 fall back to 2000 / 10000 ms. A gid must pass
+ * gid_valid() (1..200 printable ASCII characters), else the call returns -1.
  * During psp_free(), calls made from the fired callbacks return -1; psp_free
  * may itself be called from a psp callback (the client is then released when
  * that callback returns). Requests that already had their answer when
  * psp_free ran get that answer, not "shutdown". A canceled tombstone may
- * carry amount 0 and currency "" (PROCESSOR.md's test processor sends null).
+ * carry amount 0 and currency "" (the test processor, docs/processor.md, sends
+ * null).
  *
  * psp_stats: counters since psp_new, for stats output and tests. "connects"
  * counts new TCP connections (CURLINFO_NUM_CONNECTS): with keep-alive working
@@ -123,8 +124,8 @@ typedef struct psp_stats {
 void psp_get_stats(const psp_client *c, psp_stats *out);
 
 /*
- * Map one processor answer to a result, exactly as the client does (pure;
- * exposed for table-driven tests and adapters). Sets outcome, http_status,
+ * Map one processor answer to a result, exactly as the client does (pure,
+ * psp_classify.c; exposed for table-driven tests and adapters). Sets outcome, http_status,
  * payment and error; leaves elapsed_ms alone. gid, when not NULL, must equal
  * the payment's idempotency_key, else the answer is PSP_UNKNOWN.
  */

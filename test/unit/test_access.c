@@ -1,5 +1,5 @@
 /*
- * test_access.c - the permission classes (coordinator/access.c): the op ->
+ * test_access.c - the permission classes (coordinator/core/access.c): the op ->
  * class table, parsing of the uid/gid lists, who holds which class under each
  * kind of configuration, and the refusal path (message, counters).
  */

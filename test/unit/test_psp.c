@@ -1,7 +1,8 @@
 /*
- * test_psp.c - the processor client (coordinator/psp.c): answer mapping as a
- * table, transport edge cases against an in-process evhttp fake, and the
- * PROCESSOR.md contract against the test processor ($PSP_SIM) with faults.
+ * test_psp.c - the processor client (coordinator/processor/psp.c): answer
+ * mapping (psp_classify.c) as a table, transport edge cases against an
+ * in-process evhttp fake, and the processor contract (docs/processor.md)
+ * against the test processor ($PSP_SIM) with faults.
  */
 #include "psp.h"
 #include "log.h"

@@ -1,0 +1,407 @@
+/* pgpool_conn.c - one slot of the pool (pgpool_conn.h): nonblocking connect
+ * with a timeout, socket watch, server notices, jittered reconnect; and the
+ * conninfo as libpq keyword arrays with the settings every session needs. */
+#include "pgpool_conn.h"
+#include "backoff.h"
+#include "log.h"
+#include "loop.h"
+#include "rng.h"
+
+#include <event2/event.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static const char *const conn_state_names[CONN_NSTATES] = {
+    [CONN_WAITING] = "waiting",
+    [CONN_CONNECTING] = "connecting",
+    [CONN_IDLE] = "idle",
+    [CONN_BUSY] = "busy",
+    [CONN_ROLLBACK] = "rollback",
+};
+
+const char *pgpool_conn_state_name(conn_state s) { return conn_state_names[s]; }
+
+/* ---- small helpers ---- */
+
+double pgpool_now_ms(void)
+{
+    return (double)loop_now_us() / 1e3;
+}
+
+static struct timeval ms_to_tv(int ms)
+{
+    struct timeval tv = { .tv_sec = ms / 1000, .tv_usec = (ms % 1000) * 1000 };
+    return tv;
+}
+
+const char *pgpool_squash(const char *in, char *out, size_t outlen)
+{
+    size_t n = 0;
+    bool space = false;
+    if (!in)
+        in = "";
+    for (; *in && n + 1 < outlen; in++) {
+        char ch = *in;
+        if (ch == '\n' || ch == '\r' || ch == '\t' || ch == ' ') {
+            space = n > 0;
+            continue;
+        }
+        if (space && n + 2 < outlen)
+            out[n++] = ' ';
+        space = false;
+        out[n++] = ch == '"' ? '\'' : ch;
+    }
+    out[n] = '\0';
+    return out;
+}
+
+/* Reconnect delay after `failures` consecutive failed attempts: the one
+ * backoff rule (base/backoff.h) from 2 * reconnect_min_ms up to
+ * reconnect_max_ms, so connections dropped together do not come back
+ * together; never below reconnect_min_ms. */
+static int reconnect_delay_ms(const pgpool_connector *cx, int failures)
+{
+    int delay = backoff_ms((int64_t)cx->reconnect_min_ms * 2, failures, cx->reconnect_max_ms);
+    return delay < cx->reconnect_min_ms ? cx->reconnect_min_ms : delay;
+}
+
+/* ---- connection state ---- */
+
+void pgpool_conn_set_state(pconn *c, conn_state to)
+{
+    pgpool_connector *cx = c->cx;
+    if (c->state == to)
+        return;
+    log_debug("pgpool event=state conn=%d from=%s to=%s", c->id, conn_state_names[c->state],
+              conn_state_names[to]);
+    cx->nstate[c->state]--;
+    cx->nstate[to]++;
+    c->state = to;
+}
+
+void pgpool_conn_clear_results(pconn *c)
+{
+    for (int i = 0; i < c->nres; i++)
+        PQclear(c->res[i]);
+    c->nres = 0;
+    c->err_state = NULL;
+    c->err_msg = NULL;
+}
+
+/* Drops the PGconn and its socket event (the event first: libpq closes the fd). */
+void pgpool_conn_close(pconn *c)
+{
+    if (c->io) {
+        event_free(c->io);
+        c->io = NULL;
+    }
+    if (c->timer)
+        evtimer_del(c->timer);
+    pgpool_conn_clear_results(c);
+    c->flushing = false;
+    c->lost_why = NULL;
+    if (c->pg) {
+        PQfinish(c->pg);
+        c->pg = NULL;
+    }
+}
+
+/* Watches the connection's socket for `what` (plus EV_PERSIST). While
+ * connecting, libpq may have switched to a new socket that got the old fd
+ * number, so the event is re-created at every step there. */
+bool pgpool_conn_watch(pconn *c, short what)
+{
+    evutil_socket_t fd = PQsocket(c->pg);
+    if (c->io && c->io_fd == fd && c->io_what == what && c->state != CONN_CONNECTING)
+        return true;
+    if (c->io) {
+        event_free(c->io);
+        c->io = NULL;
+    }
+    if (fd < 0)
+        return false;
+    c->io = event_new(c->cx->base, fd, (short)(what | EV_PERSIST), c->cx->io_cb, c);
+    if (!c->io)
+        return false;
+    if (event_add(c->io, NULL) != 0) {
+        event_free(c->io);
+        c->io = NULL;
+        return false;
+    }
+    c->io_fd = fd;
+    c->io_what = what;
+    return true;
+}
+
+void pgpool_conn_schedule_reconnect(pconn *c)
+{
+    int delay = reconnect_delay_ms(c->cx, c->failures);
+    struct timeval tv = ms_to_tv(delay);
+    pgpool_conn_set_state(c, CONN_WAITING);
+    evtimer_add(c->timer, &tv);
+    log_info("pgpool event=reconnect_scheduled conn=%d delay_ms=%d failures=%d", c->id, delay,
+             c->failures);
+}
+
+static void conn_attempt_failed(pconn *c, const char *why)
+{
+    char buf[PGPOOL_ERRBUF_LEN];
+    c->cx->connect_failures++;
+    c->failures++;
+    log_warn("pgpool event=connect_failed conn=%d failures=%d elapsed_ms=%.0f error=\"%s\"", c->id,
+             c->failures, pgpool_now_ms() - c->attempt_ms, pgpool_squash(why, buf, sizeof(buf)));
+    pgpool_conn_close(c);
+    pgpool_conn_schedule_reconnect(c);
+}
+
+/* Forwards server notices and warnings to our log instead of libpq's stderr. */
+static void conn_notice(void *arg, const PGresult *res)
+{
+    const pconn *c = arg;
+    const char *sev = PQresultErrorField(res, PG_DIAG_SEVERITY_NONLOCALIZED);
+    const char *code = PQresultErrorField(res, PG_DIAG_SQLSTATE);
+    char buf[PGPOOL_ERRBUF_LEN];
+    pgpool_squash(PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY), buf, sizeof(buf));
+    /* An ERROR or FATAL here is the server saying why it closes an idle session. */
+    if (sev && (strcmp(sev, "WARNING") == 0 || strcmp(sev, "ERROR") == 0 ||
+                strcmp(sev, "FATAL") == 0 || strcmp(sev, "PANIC") == 0))
+        log_warn("pgpool event=server_notice conn=%d severity=%s sqlstate=%s msg=\"%s\"", c->id,
+                 sev, code ? code : "", buf);
+    else
+        log_debug("pgpool event=server_notice conn=%d severity=%s sqlstate=%s msg=\"%s\"", c->id,
+                  sev ? sev : "", code ? code : "", buf);
+}
+
+void pgpool_conn_start(pconn *c)
+{
+    pgpool_connector *cx = c->cx;
+    struct timeval tv = ms_to_tv(cx->connect_timeout_ms);
+    c->attempt_ms = pgpool_now_ms();
+    if (cx->app_idx >= 0) {
+        /* A fresh token per session: a lost session can be found (and
+         * terminated) by it, and no later session shares it. */
+        snprintf(c->fence, sizeof(c->fence), "%s/%016llx", cx->app_name, (unsigned long long)rng_next());
+        cx->val[cx->app_idx] = c->fence;
+    }
+    c->pg = PQconnectStartParams(cx->kw, cx->val, 0);
+    if (cx->app_idx >= 0)
+        cx->val[cx->app_idx] = NULL;
+    if (!c->pg) {
+        conn_attempt_failed(c, "out of memory");
+        return;
+    }
+    PQsetNoticeReceiver(c->pg, conn_notice, c);
+    if (PQstatus(c->pg) == CONNECTION_BAD) {
+        conn_attempt_failed(c, PQerrorMessage(c->pg));
+        return;
+    }
+    pgpool_conn_set_state(c, CONN_CONNECTING);
+    evtimer_add(c->timer, &tv);
+    /* Before the first PQconnectPoll, behave as if it had said WRITING. */
+    if (!pgpool_conn_watch(c, EV_WRITE))
+        conn_attempt_failed(c, "cannot watch the socket");
+}
+
+/* ---- connecting ---- */
+
+/* PQconnectPoll said OK: check the session's settings and go IDLE. True when
+ * the slot is up. */
+static bool conn_established(pconn *c)
+{
+    const char *scs = PQparameterStatus(c->pg, "standard_conforming_strings");
+    const char *enc = PQparameterStatus(c->pg, "client_encoding");
+    char buf[PGPOOL_ERRBUF_LEN];
+
+    evtimer_del(c->timer);
+    if (!scs || strcmp(scs, "on") != 0 || !enc || strcmp(enc, "UTF8") != 0) {
+        snprintf(buf, sizeof(buf), "server runs standard_conforming_strings=%s client_encoding=%s; "
+                 "need on and UTF8", scs ? scs : "?", enc ? enc : "?");
+        conn_attempt_failed(c, buf);
+        return false;
+    }
+    if (PQsetnonblocking(c->pg, 1) != 0) {
+        conn_attempt_failed(c, PQerrorMessage(c->pg));
+        return false;
+    }
+    if (!pgpool_conn_watch(c, EV_READ)) {
+        conn_attempt_failed(c, "cannot watch the socket");
+        return false;
+    }
+    if (c->ever_up)
+        c->cx->reconnects++;
+    c->ever_up = true;
+    c->failures = 0;
+    log_info("pgpool event=connect_ok conn=%d backend_pid=%d server_version=%d host=%s "
+             "elapsed_ms=%.1f", c->id, PQbackendPID(c->pg), PQserverVersion(c->pg),
+             pgpool_squash(PQhost(c->pg), buf, sizeof(buf)), pgpool_now_ms() - c->attempt_ms);
+    pgpool_conn_set_state(c, CONN_IDLE);
+    return true;
+}
+
+/* The socket may be a new one after each step. */
+bool pgpool_conn_step(pconn *c)
+{
+    switch (PQconnectPoll(c->pg)) {
+    case PGRES_POLLING_READING:
+        if (!pgpool_conn_watch(c, EV_READ))
+            conn_attempt_failed(c, "cannot watch the socket");
+        return false;
+    case PGRES_POLLING_WRITING:
+    case PGRES_POLLING_ACTIVE:  /* unused by libpq; "call again" */
+        if (!pgpool_conn_watch(c, EV_WRITE))
+            conn_attempt_failed(c, "cannot watch the socket");
+        return false;
+    case PGRES_POLLING_OK:
+        return conn_established(c);
+    case PGRES_POLLING_FAILED:
+        break;
+    }
+    conn_attempt_failed(c, PQerrorMessage(c->pg));
+    return false;
+}
+
+static void conn_timer_cb(evutil_socket_t fd, short what, void *arg)
+{
+    pconn *c = arg;
+    char buf[96];
+    (void)fd;
+    (void)what;
+    if (c->state == CONN_WAITING) {
+        pgpool_conn_start(c);
+    } else if (c->state == CONN_CONNECTING) {
+        snprintf(buf, sizeof(buf), "timeout after %d ms", c->cx->connect_timeout_ms);
+        conn_attempt_failed(c, buf);
+    }
+}
+
+/* ---- setup ---- */
+
+static bool kw_add(pgpool_connector *cx, int *n, const char *k, const char *v)
+{
+    char *kc = strdup(k), *vc = strdup(v);
+    if (!kc || !vc) {
+        free(kc);
+        free(vc);
+        return false;
+    }
+    cx->kw[*n] = kc;
+    cx->val[*n] = vc;
+    (*n)++;
+    return true;
+}
+
+bool pgpool_conn_params(pgpool_connector *cx, const char *conninfo)
+{
+    static const char scs_opt[] = "-c standard_conforming_strings=on";
+    char lt_opt[48] = "";
+    char *err = NULL, *options = NULL;
+    char buf[PGPOOL_ERRBUF_LEN];
+    bool ok = false, have_fallback = false;
+    const char *user_options = NULL;
+    size_t nopts = 0;
+    int n = 0;
+
+    PQconninfoOption *opts = PQconninfoParse(conninfo ? conninfo : "", &err);
+    if (!opts) {
+        log_error("pgpool event=bad_conninfo error=\"%s\"",
+                  pgpool_squash(err ? err : "out of memory", buf, sizeof(buf)));
+        goto out;
+    }
+    for (PQconninfoOption *o = opts; o->keyword; o++)
+        nopts++;
+    cx->kw = calloc(nopts + 6, sizeof(*cx->kw));
+    cx->val = calloc(nopts + 6, sizeof(*cx->val));
+    if (!cx->kw || !cx->val)
+        goto oom;
+    for (PQconninfoOption *o = opts; o->keyword; o++) {
+        if (!o->val || !o->val[0])
+            continue;    /* libpq ignores empty values too */
+        if (strcmp(o->keyword, "options") == 0) {
+            user_options = o->val;
+            continue;
+        }
+        if (strcmp(o->keyword, "client_encoding") == 0)
+            continue;    /* forced below */
+        if (strcmp(o->keyword, "fallback_application_name") == 0)
+            have_fallback = true;
+        if (cx->app_name && strcmp(o->keyword, "application_name") == 0)
+            continue;    /* the fence token takes its place */
+        if (!kw_add(cx, &n, o->keyword, o->val))
+            goto oom;
+    }
+    /* An explicit "options" hides PGOPTIONS, so carry it over. */
+    if (!user_options)
+        user_options = getenv("PGOPTIONS");
+    if (!user_options)
+        user_options = "";
+    if (cx->lock_timeout_ms > 0)
+        snprintf(lt_opt, sizeof(lt_opt), " -c lock_timeout=%dms", cx->lock_timeout_ms);
+    size_t len = strlen(user_options) + sizeof(scs_opt) + strlen(lt_opt) + 1;
+    options = malloc(len);
+    if (!options)
+        goto oom;
+    snprintf(options, len, "%s%s%s%s", user_options, user_options[0] ? " " : "", scs_opt, lt_opt);
+    if (!kw_add(cx, &n, "options", options) || !kw_add(cx, &n, "client_encoding", "UTF8"))
+        goto oom;
+    if (!have_fallback && !kw_add(cx, &n, "fallback_application_name", "paycoord"))
+        goto oom;
+    if (cx->app_name) {
+        /* The value is filled in per connection attempt (pgpool_conn_start). */
+        if (!kw_add(cx, &n, "application_name", ""))
+            goto oom;
+        cx->app_idx = n - 1;
+        free((char *)cx->val[cx->app_idx]);
+        cx->val[cx->app_idx] = NULL;
+    }
+    ok = true;
+    goto out;
+oom:
+    log_error("pgpool event=setup_failed error=\"out of memory\"");
+out:
+    free(options);
+    if (opts)
+        PQconninfoFree(opts);
+    if (err)
+        PQfreemem(err);
+    return ok;
+}
+
+void pgpool_conn_params_free(pgpool_connector *cx)
+{
+    if (cx->kw) {
+        for (int i = 0; cx->kw[i]; i++) {
+            free((char *)cx->kw[i]);
+            if (i != cx->app_idx)
+                free((char *)cx->val[i]);
+        }
+    }
+    free(cx->app_name);
+    free(cx->kw);
+    free(cx->val);
+    cx->app_name = NULL;
+    cx->kw = cx->val = NULL;
+}
+
+/* ---- a slot's life ---- */
+
+bool pgpool_conn_init(pconn *c, pgpool_connector *cx, struct pgpool *pool, int id)
+{
+    c->cx = cx;
+    c->pool = pool;
+    c->id = id;
+    c->state = CONN_WAITING;
+    cx->nstate[CONN_WAITING]++;
+    c->timer = evtimer_new(cx->base, conn_timer_cb, c);
+    return c->timer != NULL;
+}
+
+void pgpool_conn_deinit(pconn *c)
+{
+    pgpool_conn_close(c);
+    if (c->timer)
+        event_free(c->timer);
+    c->timer = NULL;
+    free(c->res);
+    c->res = NULL;
+}
