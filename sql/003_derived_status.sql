@@ -55,6 +55,12 @@ CREATE FUNCTION pc_pay_intent2(p_payment_id uuid, p_key text, p_account text, p_
 RETURNS void LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM pc_check_account(p_account, p_currency);
+    -- A replay finds the stored row without waiting on anything (a plain
+    -- read): INSERT ... ON CONFLICT alone would wait on a row that a prepared
+    -- transaction of paycoord 0.1 still holds.
+    IF EXISTS (SELECT 1 FROM payments WHERE idempotency_key = p_key) THEN
+        RAISE EXCEPTION 'idempotency key exists' USING ERRCODE = 'PCDUP';
+    END IF;
     INSERT INTO payments (payment_id, idempotency_key, account_id, amount, currency, reference,
                           metadata, gid, node, deadline, created_at, updated_at)
     VALUES (p_payment_id, p_key, p_account, p_amount, p_currency, p_reference, p_metadata,

@@ -205,8 +205,13 @@ static payment *payment_new(const proto_request *q)
     if ((q->reference && !(p->reference = strdup(q->reference))) ||
         (q->metadata && !(p->metadata = cJSON_Duplicate(q->metadata, true))))
         goto fail_early;
-    if (loop_timer_init(&p->timer, timer_cb, p) != 0)
+    /* Every timer the payment will ever need is allocated here, so that no
+     * later step can find itself without one (arming an allocated timer
+     * cannot fail short of a broken loop, which aborts: loop.h). */
+    if (failpoint_armed("timer_alloc_fail", p->key) || loop_timer_init(&p->timer, timer_cb, p) != 0) {
+        log_error("payment key=%s event=timer_alloc_failed note=\"refused; nothing was written\"", p->key);
         goto fail_early;
+    }
     if (owner_claim(p->gid, OWNER_PAYMENT) != 0)
         goto fail_timer;
     if (strmap_put(by_key, p->key, p) != 0)
@@ -531,6 +536,13 @@ static void finish_cb(const store_p2 *res, void *arg)
 
 static void check_cb(const store_facts *f, void *arg);
 
+static void lost_row_flag_cb(st_status st, void *arg)
+{
+    (void)arg;
+    if (st != ST_OK && st != ST_SHUTDOWN)
+        log_error("event=review_flag_not_written alert=review note=\"a lost payment row was not flagged\"");
+}
+
 static void start_check(payment *p)
 {
     pm_set_state(p, PS_CHECK);
@@ -568,6 +580,19 @@ static void check_cb(const store_facts *f, void *arg)
         return;
     }
     if (!want_commit) {
+        if (!f->row) {
+            /* Consistent (no debit, no charge), but PostgreSQL lost a write
+             * it had confirmed: the row is written anew as declined, and the
+             * gid is flagged so that someone looks for other lost writes. */
+            log_error("payment gid=%s key=%s event=row_lost decision=rollback alert=reconcile "
+                      "note=\"the database lost this payment's row (a failover?); it is written again\"",
+                      p->gid, p->key);
+            D->stats.alerts++;
+            if (store_flag_review(CH_PAY, p->gid, p->payment_id,
+                                  "the database lost this payment's row (written again as declined): "
+                                  "check for other lost writes", lost_row_flag_cb, NULL) != STORE_QUEUED)
+                log_error("payment gid=%s event=review_flag_not_written alert=review", p->gid);
+        }
         start_settle(p, "declined", p->decline_code[0] ? p->decline_code : "declined");
         return;
     }

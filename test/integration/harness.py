@@ -350,10 +350,13 @@ class Daemon:
 
 # --------------------------------------------------------------- direct DB setups
 
-def prepare_debit(pg, key, account, amount, node="t1", currency="EUR", deadline_ms=60000, payment_id=None):
+def prepare_debit(pg, key, account, amount, node="t1", currency="EUR", deadline_ms=60000, payment_id=None,
+                  legacy=False):
     """A prepared debit of `node` made by hand, as a daemon that died right
     after PREPARE leaves it: the intent row (pending) and the prepared
-    transaction holding the debit. Returns (payment_id, gid)."""
+    transaction holding the debit. legacy: as paycoord 0.1 prepared it
+    (pc_pay_debit, which also wrote the payment row inside the prepared
+    transaction and so holds its row lock). Returns (payment_id, gid)."""
     import uuid
     pid = uuid.UUID(payment_id) if payment_id else uuid.uuid4()
     gid = f"pc:{node}:{pid.hex}"
@@ -361,7 +364,7 @@ def prepare_debit(pg, key, account, amount, node="t1", currency="EUR", deadline_
         c.execute("SELECT pc_pay_intent(%s, %s, %s, %s, %s, NULL, NULL, %s, %s, %s)",
                   (pid, key, account, amount, currency, gid, node, deadline_ms))
         c.execute("BEGIN")
-        c.execute("SELECT pc_pay_debit(%s, %s, %s)", (pid, account, amount))
+        c.execute(f"SELECT {'pc_pay_debit' if legacy else 'pc_pay_debit2'}(%s, %s, %s)", (pid, account, amount))
         c.execute(f"PREPARE TRANSACTION '{gid}'")
     return str(pid), gid
 
