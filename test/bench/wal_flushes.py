@@ -1,5 +1,5 @@
 """Measures synchronous WAL flushes and round trips per successful payment
-(DESIGN.md "Durability budget"): N sequential payments through the daemon on
+(docs/architecture.md, "Durability budget and round trips"): N sequential payments through the daemon on
 an fsync-on cluster; pg_stat_wal.wal_sync before/after, and the statements
 the daemon sent (pg_stat_statements is not needed: the pool's query count is
 read from `stats`). Prints the figures.

@@ -1,6 +1,6 @@
 """Integration harness: a throwaway PostgreSQL, the test processor, the real
-paycoord binary, a protocol client, and the invariant checker (DESIGN.md I1-I7)
-that every integration test ends with."""
+paycoord binary, a protocol client, and the invariant checker (I1-I7,
+docs/architecture.md "Invariants") that every integration test ends with."""
 
 import itertools
 import json
@@ -403,7 +403,8 @@ FINAL = {"succeeded", "declined", "insufficient_funds"}
 
 
 def check_invariants(pg, psp, answers=None, allow_pending=False, node="t1"):
-    """DESIGN.md I1-I7 against the database and the processor's own list.
+    """I1-I7 (docs/architecture.md, "Invariants") against the database and
+    the processor's own list.
 
     answers: {idempotency_key: final status a client was told} (I6).
     allow_pending: payments still legitimately unsettled (I2/I5 then checked

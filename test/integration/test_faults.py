@@ -1,5 +1,5 @@
-"""Processor and database faults during live payments (DESIGN.md failure-mode
-matrix rows that need no daemon crash). Each ends with the invariants."""
+"""Processor and database faults during live payments (the rows of
+docs/failure-modes.md that need no daemon crash). Each ends with the invariants."""
 
 import threading
 import time

@@ -1,5 +1,5 @@
-"""Recovery: every crash row of DESIGN.md's failure-mode matrix as a named,
-deterministic test (fail points compiled into test builds), node ownership
+"""Recovery: every crash row of the failure-mode matrix (docs/failure-modes.md)
+as a named, deterministic test (fail points compiled into test builds), node ownership
 with two daemons, manual review and resolve, and idempotency of recovery.
 Each test ends with the invariants against the database and the processor."""
 
