@@ -216,7 +216,12 @@ static bool want_commit_of(const rec_item *it) { return it->decline_code[0] == '
 
 static void item_finish(rec_item *it)
 {
-    if (store_finish(CH_REC, it->gid, want_commit_of(it), finish_cb, it) != STORE_QUEUED)
+    bool commit = want_commit_of(it);
+    store_commit_note note = { .payment_id = it->payment_id,
+                               .processor_ref = it->processor_ref[0] ? it->processor_ref : NULL,
+                               .updated_ms = loop_wall_ms() };
+    if (store_finish(CH_REC, it->gid, commit, commit && it->payment_id[0] ? &note : NULL, finish_cb, it) !=
+        STORE_QUEUED)
         item_leave(it, "database unavailable for the second phase");
 }
 
@@ -704,6 +709,8 @@ int rec_run(const char *node, bool foreign, bool forced, void (*cb)(const rec_co
 
 /* ---------------------------------------------------------------- timer */
 
+static int retry_ms;                 /* the next retry of a pass that could not start */
+
 static void tick_cb(void *arg)
 {
     (void)arg;
@@ -714,8 +721,19 @@ static void tick_cb(void *arg)
         schedule_tick(D->cfg.recovery_interval_ms);
         return;
     }
-    if (!current && rec_run(D->cfg.node_id, false, false, NULL, NULL) != 0)
-        schedule_tick(D->cfg.recovery_interval_ms);
+    if (current)
+        return;
+    if (rec_run(D->cfg.node_id, false, false, NULL, NULL) == 0) {
+        retry_ms = 0;
+        return;
+    }
+    /* Not started: recovery's pool is not up (yet: the node lock's session
+     * may connect first at start). Try again soon, backing off to the
+     * interval, so that readiness does not wait a whole interval. */
+    retry_ms = retry_ms ? retry_ms * 2 : 100;
+    if (retry_ms > D->cfg.recovery_interval_ms)
+        retry_ms = D->cfg.recovery_interval_ms;
+    schedule_tick(retry_ms);
 }
 
 static void schedule_tick(int ms)
@@ -733,6 +751,7 @@ static void lock_changed(bool locked)
 int rec_init(void)
 {
     current = NULL;
+    retry_ms = 0;
     first_pass_done = false;
     orphans = 0;
     backoffs = strmap_new();

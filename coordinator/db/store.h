@@ -152,9 +152,20 @@ typedef struct store_p2 {
     double elapsed_ms;
 } store_p2;
 
-/* COMMIT PREPARED or ROLLBACK PREPARED gid. */
-int store_finish(store_chan ch, const char *gid, bool commit, void (*cb)(const store_p2 *, void *), void *arg)
-    PC_MUSTCHECK;
+/* What a commit's answer will say about the payment, written into its row
+ * before COMMIT PREPARED: asynchronously committed, but ahead of COMMIT
+ * PREPARED in the WAL, so that the commit's flush makes it durable too. A
+ * replay after a crash then answers the same processor_ref and updated_at. */
+typedef struct store_commit_note {
+    const char *payment_id;
+    const char *processor_ref;     /* NULL: none */
+    int64_t updated_ms;            /* the answer's updated_at (ms since the epoch) */
+} store_commit_note;
+
+/* COMMIT PREPARED or ROLLBACK PREPARED gid; note (commit only, may be NULL)
+ * is written first. */
+int store_finish(store_chan ch, const char *gid, bool commit, const store_commit_note *note,
+                 void (*cb)(const store_p2 *, void *), void *arg) PC_MUSTCHECK;
 
 typedef struct store_settled {
     st_status st;

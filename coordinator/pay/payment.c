@@ -314,7 +314,7 @@ static void start_phase1(payment *p)
  * decline without ever contacting the processor. */
 static void debit_later(payment *p, const store_p1 *res)
 {
-    if (loop_now_ms() - p->started_ms >= (uint64_t)D->cfg.queue_timeout_ms) {
+    if (loop_now_ms() - p->started_ms >= (uint64_t)D->cfg.queue_timeout_ms || pm_past_deadline(p)) {
         log_warn("payment gid=%s key=%s account=%s event=debit_gave_up sqlstate=%s error=\"%s\"", p->gid, p->key,
                  p->account, res->sqlstate, res->errmsg);
         if (p->intent_written)
@@ -476,14 +476,22 @@ static void record_cb(bool ok, void *arg);
 
 void pm_start_finish(payment *p)
 {
-    pm_set_state(p, p->dec == DEC_COMMIT ? PS_COMMIT : PS_ROLLBACK);
-    if (store_finish(CH_PAY, p->gid, p->dec == DEC_COMMIT, finish_cb, p) != STORE_QUEUED)
+    bool commit = p->dec == DEC_COMMIT;
+    pm_set_state(p, commit ? PS_COMMIT : PS_ROLLBACK);
+    /* The answer's processor_ref and updated_at go into the row ahead of the
+     * commit, so that a replay after a crash answers the same. */
+    if (commit && !p->commit_wall_ms)
+        p->commit_wall_ms = loop_wall_ms();
+    store_commit_note note = { .payment_id = p->payment_id,
+                               .processor_ref = p->processor_ref[0] ? p->processor_ref : NULL,
+                               .updated_ms = p->commit_wall_ms };
+    if (store_finish(CH_PAY, p->gid, commit, commit ? &note : NULL, finish_cb, p) != STORE_QUEUED)
         pm_retry(p, 100, 5000, pm_start_finish);
 }
 
 static void succeeded(payment *p)
 {
-    p->updated_wall_ms = loop_wall_ms();
+    p->updated_wall_ms = p->commit_wall_ms ? p->commit_wall_ms : loop_wall_ms();
     pm_final(p, "succeeded");
     pm_set_state(p, PS_RECORD);
     if (store_record_success(p->payment_id, p->processor_ref[0] ? p->processor_ref : NULL, p->updated_wall_ms,

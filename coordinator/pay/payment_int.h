@@ -54,12 +54,14 @@ struct payment {
     char why[160];                   /* HANDOFF/FLAG: the reason recorded */
     char fence[64];                  /* FENCE: the lost session's token */
     int64_t created_wall_ms, updated_wall_ms;
+    int64_t commit_wall_ms;          /* a commit's updated_at, stamped before COMMIT PREPARED */
     uint64_t started_ms, prepared_ms;
 
     bool intent_written;             /* the intent row is committed (maybe asynchronously) */
     bool durable;                    /* the row is known to be this payment's, and durable */
     bool final;                      /* the final status is durable and told */
     bool unknown_seen;               /* some processor answer left the outcome unknown */
+    bool create_sent;                /* a create was sent to the processor at least once */
     bool review;                     /* HANDOFF: flag for review first */
     decision dec;
     int attempts;                    /* of the current step */

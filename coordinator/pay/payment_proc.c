@@ -32,11 +32,15 @@ static void create_cb(const proc_result *res, void *arg);
 static void poll_cb(const proc_result *res, void *arg);
 static void cancel_cb(const proc_result *res, void *arg);
 
+/* Keep the processor's id for later calls; store it now only when the
+ * payment stays open at the processor (a final answer writes it with the
+ * outcome, and a success's batched write carries it). */
 static void note_ref(payment *p, const proc_result *res)
 {
     if (res->id[0] && strcmp(res->id, p->processor_ref) != 0) {
         snprintf(p->processor_ref, sizeof(p->processor_ref), "%s", res->id);
-        store_save_processor_ref(p->payment_id, p->processor_ref);
+        if (res->outcome == PROC_PAYMENT && res->status == PROC_ST_PENDING)
+            store_save_processor_ref(p->payment_id, p->processor_ref);
     }
 }
 
@@ -78,6 +82,23 @@ static void failpoint_after_send(payment *p)
 
 void pm_start_create(payment *p)
 {
+    if (p->unknown_seen && pm_past_deadline(p)) {
+        /* No create is sent again after the deadline: ask by gid, and
+         * cancel by key if the processor does not know it. */
+        log_info("payment gid=%s key=%s event=create_retry_past_deadline", p->gid, p->key);
+        p->attempts = 0;
+        pm_start_poll(p, 0);
+        return;
+    }
+    if (!p->create_sent && pm_past_deadline(p)) {
+        /* Phase 1 took the whole deadline (a locked account, a slow
+         * database): the processor was never asked, and is not asked now
+         * (its idempotency window counts from the deadline). */
+        log_warn("payment gid=%s key=%s event=deadline_before_create", p->gid, p->key);
+        decide(p, DEC_ROLLBACK, "deadline_exceeded");
+        return;
+    }
+    p->create_sent = true;
     pm_set_state(p, PS_CREATE);
     proc_req pr;
     fill_proc_req(p, &pr);
@@ -129,8 +150,9 @@ static void create_cb(const proc_result *res, void *arg)
         /* Refused for now: send it again (same key) when the processor
          * allows. Never proof that nothing was charged, though. */
         p->unknown_seen = true;
-        pm_after(p, res->retry_after_ms > 0 ? res->retry_after_ms : backoff_ms(1000, p->attempts++, 30000),
-              pm_start_create);
+        pm_after(p, res->retry_after_ms > 0 ? (res->retry_after_ms < 30000 ? res->retry_after_ms : 30000)
+                                            : backoff_ms(1000, p->attempts++, 30000),
+                 pm_start_create);
         return;
     default:
         p->unknown_seen = true;

@@ -837,3 +837,75 @@ def test_failed_timer_never_strands_a_payment(env):
     assert c.ok("balance", account="tm")["balance"] == 990
     d.stop()
     check_invariants(env.pg, env.psp, answers={"k-tm2": "succeeded"})
+
+
+# ------------------------------------------------------------------ found by the documentation review
+
+def test_rate_limited_create_is_not_resent_after_the_deadline(env):
+    """A create answered 429 again and again was retried without bound, past
+    the payment deadline (the processor's idempotency window and recovery's
+    cancel-by-key rules count from it). Now the retries stop at the
+    deadline: the daemon asks by gid, the processor does not know it, the key
+    is canceled, the payment ends declined `canceled`, nothing charged."""
+    env.psp.faults(rate_limit_rate=1.0, retry_after_s=1, fault_ops=["create"])
+    d = env.daemon(payment_deadline_ms=3000, pay_wait_ms=500, **FAST)
+    c = d.client()
+    env.open_account(c, "rl", balance=1000)
+    r = c.call("pay", account="rl", amount=100, currency="EUR", idempotency_key="k-rl")
+    assert r["ok"] and r["result"]["status"] == "pending", r
+    wait_for(lambda: c.ok("status", idempotency_key="k-rl")["status"] != "pending", timeout=20,
+             what="the payment settled after its deadline")
+    st = c.ok("status", idempotency_key="k-rl")
+    assert (st["status"], st["decline_code"]) == ("declined", "canceled"), st
+    assert "event=create_retry_past_deadline" in d.log_text()
+    limited = env.psp.counters()["rate_limited"]
+    assert limited <= 5, limited                       # about one create a second until the deadline
+    time.sleep(2)
+    assert env.psp.counters()["rate_limited"] == limited   # and none after
+    assert c.ok("balance", account="rl")["balance"] == 1000
+    d.stop()
+    env.psp.faults(rate_limit_rate=0)
+    check_invariants(env.pg, env.psp, answers={"k-rl": "declined"})
+
+
+def test_debit_taken_after_the_deadline_never_reaches_the_processor(env):
+    """Phase 1 waited for a locked account row until past the payment
+    deadline; the debit was then prepared and the first create sent after
+    the deadline. Now a debit prepared after the deadline is rolled back
+    without asking the processor: declined `deadline_exceeded`."""
+    d = env.daemon(payment_deadline_ms=2000, db_lock_timeout_ms=6000, queue_timeout_ms=20000, **FAST)
+    c = d.client()
+    env.open_account(c, "dl", balance=1000)
+    holder = env.pg.connect()
+    try:
+        holder.execute("BEGIN")
+        holder.execute("UPDATE accounts SET updated_at = now() WHERE id = 'dl'")
+        rid = c.send("pay", account="dl", amount=100, currency="EUR", idempotency_key="k-dl", wait_ms=8000)
+        time.sleep(2.8)                  # the debit waits on the row past the deadline
+        holder.execute("ROLLBACK")
+    finally:
+        holder.close()
+    r = c.wait(rid)
+    assert r["ok"] and (r["result"]["status"], r["result"]["decline_code"]) == ("declined", "deadline_exceeded"), r
+    assert "event=deadline_before_create" in d.log_text()
+    gid = row(env, "k-dl")[1]
+    assert env.psp.get(gid)[0] == 404                  # the processor was never asked
+    assert c.ok("balance", account="dl")["balance"] == 1000
+    d.stop()
+    check_invariants(env.pg, env.psp, answers={"k-dl": "declined"})
+
+
+def test_first_recovery_pass_runs_even_if_the_pool_is_late(env):
+    """The first recovery pass (which readiness waits for) failed to start
+    when the node lock's session connected before recovery's own pool, and
+    was tried again only one recovery_interval_ms later: with a long
+    interval the daemon stayed not ready. Now a pass that cannot start is
+    retried within 100 ms, backing off to the interval. (The race showed in
+    about 1 start in 30; this test starts the daemon 12 times.)"""
+    for i in range(12):
+        d = env.daemon(start=False, recovery_interval_ms=600000)
+        t0 = time.monotonic()
+        d.start()                                      # waits for ready (15 s at most)
+        assert time.monotonic() - t0 < 10
+        d.stop()
+    check_invariants(env.pg, env.psp, answers={})

@@ -86,6 +86,8 @@ int64_t sim_db_debits(const char *account);
 int sim_db_accepted_credits(void);
 int64_t sim_db_ledger_debits_of(const char *payment_id);
 bool sim_db_row_exists(const char *payment_id);
+/* The stored deadline of gid's payment row (virtual us; 0: no row). */
+int64_t sim_db_deadline_us(const char *gid);
 /* A fingerprint of the whole committed state (I7: recovery changes nothing). */
 uint64_t sim_db_fingerprint(void);
 
@@ -119,6 +121,8 @@ typedef struct sim_charge_view {
 int sim_psp_payments(sim_charge_view *out, int max);
 /* The processor's truth for a gid: "succeeded", "declined", "canceled", "pending" or NULL. */
 const char *sim_psp_status(const char *gid);
+/* The first gid whose create was sent after its stored deadline (NULL: none). */
+const char *sim_psp_late_create(void);
 /* The daemon epoch that heard the processor answer 409 for gid (0: none did). */
 uint64_t sim_psp_conflicted(const char *gid);
 

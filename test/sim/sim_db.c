@@ -246,6 +246,15 @@ static void run_phase1(call *c)
 
 static void run_finish(call *c)
 {
+    if (c->b1 && c->b2) {              /* the commit note, committed asynchronously first */
+        prow *r = row_by_id(c->s2);
+        if (r && !strcmp(r->status, "pending")) {
+            if (c->s3[0])
+                CPY(r->processor_ref, c->s3);
+            r->updated_ms = c->n1;
+            dirty = true;
+        }
+    }
     xact *x = xact_of(c->s1);
     if (!x) {
         c->p2 = P2_GONE;
@@ -692,6 +701,12 @@ int64_t sim_db_ledger_debits_of(const char *payment_id)
 }
 
 bool sim_db_row_exists(const char *payment_id) { return row_by_id(payment_id) != NULL; }
+
+int64_t sim_db_deadline_us(const char *gid)
+{
+    const prow *r = row_by_gid(gid);
+    return r ? r->deadline_us : 0;
+}
 
 uint64_t sim_db_fingerprint(void)
 {

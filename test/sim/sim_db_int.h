@@ -90,7 +90,7 @@ typedef struct call {
     /* parameters */
     char s1[72], s2[72], s3[72], s4[72];
     int64_t n1, n2;
-    bool b1;
+    bool b1, b2;
     store_pay pay;
     char pay_strs[7][72];
     /* results (filled when it runs) */

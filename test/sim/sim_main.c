@@ -71,6 +71,7 @@ typedef struct keyinfo {
     char name[24];
     bool credit;
     char final[24];                  /* the final status a client was told, "" if none */
+    char final_rest[128];            /* its processor_ref and decline_code, as told */
     char payment_id[37];             /* the payment a client was told about */
     int64_t told_us;                 /* when a payment_id was first told */
     int conflicts;                   /* idempotency_conflict answers */
@@ -285,7 +286,14 @@ static void told_payment(action *a, keyinfo *k, const cJSON *res)
     } else if (is_final(st)) {
         if (k->final[0] && strcmp(k->final, st))
             fail("I6: key %s told %s, earlier %s", k->name, st, k->final);
+        /* the whole answer stays the same, the processor's id included */
+        char rest[128];
+        snprintf(rest, sizeof(rest), "processor_ref=%s decline_code=%s", jstr(res, "processor_ref") ? jstr(res, "processor_ref") : "null",
+                 jstr(res, "decline_code") ? jstr(res, "decline_code") : "null");
+        if (k->final[0] && strcmp(k->final_rest, rest))
+            fail("I6: key %s told %s %s, earlier %s", k->name, st, rest, k->final_rest);
         snprintf(k->final, sizeof(k->final), "%s", st);
+        snprintf(k->final_rest, sizeof(k->final_rest), "%s", rest);
     } else if (k->final[0]) {
         fail("I6: key %s told %s after the final %s", k->name, st, k->final);
     }
@@ -509,6 +517,8 @@ static void check_invariants(void)
     int n = sim_db_payments(rows, 256);
     sim_charge_view charges[512];
     int nc = sim_psp_payments(charges, 512);
+    if (sim_psp_late_create())
+        fail("gid %s: a create was sent after the payment's stored deadline", sim_psp_late_create());
     /* I1, I4 */
     for (int a = 0; a < NACCTS; a++) {
         bool found;

@@ -277,7 +277,19 @@ static int submit(op o, const proc_req *req, proc_cb cb, void *arg)
     return 0;
 }
 
-static int m_create(const proc_req *req, proc_cb cb, void *arg) { return submit(OP_CREATE, req, cb, arg); }
+static char late_create[80];          /* the first gid created after its stored deadline */
+
+static int m_create(const proc_req *req, proc_cb cb, void *arg)
+{
+    /* The processor's idempotency window is counted from the stored
+     * deadline: no create may be sent after it. */
+    int64_t deadline = sim_db_deadline_us(req->gid);
+    if (deadline && sim_now_us() > deadline && !late_create[0])
+        snprintf(late_create, sizeof(late_create), "%s", req->gid);
+    return submit(OP_CREATE, req, cb, arg);
+}
+
+const char *sim_psp_late_create(void) { return late_create[0] ? late_create : NULL; }
 static int m_get(const proc_req *req, proc_cb cb, void *arg) { return submit(OP_GET, req, cb, arg); }
 static int m_cancel(const proc_req *req, proc_cb cb, void *arg) { return submit(OP_CANCEL, req, cb, arg); }
 static int m_in_flight(void) { return in_flight; }
@@ -305,6 +317,7 @@ void sim_psp_daemon_died(void)
 
 void sim_psp_reset(void)
 {
+    late_create[0] = '\0';
     while (all) {
         preq *q = all;
         all = q->next;

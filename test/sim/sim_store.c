@@ -472,12 +472,19 @@ int store_get_facts(store_chan ch, const char *payment_id, const char *gid, cons
     return submit(c);
 }
 
-int store_finish(store_chan ch, const char *gid, bool commit, void (*cb)(const store_p2 *, void *), void *arg)
+int store_finish(store_chan ch, const char *gid, bool commit, const store_commit_note *note,
+                 void (*cb)(const store_p2 *, void *), void *arg)
 {
     (void)ch;
     call *c = new_call(K_FINISH, FN(cb), arg);
     CPY(c->s1, gid);
     c->b1 = commit;
+    if (commit && note) {
+        c->b2 = true;
+        CPY(c->s2, note->payment_id);
+        CPY(c->s3, note->processor_ref ? note->processor_ref : "");
+        c->n1 = note->updated_ms;
+    }
     return submit(c);
 }
 
