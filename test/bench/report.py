@@ -218,7 +218,7 @@ def table(args):
         vsbase = None
         if base.startswith("s1alt-") and base.replace("s1alt-", "s1-") in groups:
             vsbase = paired_ratio(base, base.replace("s1alt-", "s1-"))[0]
-            notes.append(f"x baseline build {vsbase} (paired rounds)")
+            notes.append(f"BENCH_ALT_DAEMON / this build = {vsbase} (paired rounds)")
         if "s1ref-pools" in groups and (re.match(r"s1-c%d-pool(\d+)$" % maxc, base) and int(re.match(r"s1-c%d-pool(\d+)$" % maxc, base).group(1)) != pool
                                         or base.endswith("-lognotice")):
             notes.append(f"x adjacent reference run {round(median(tp) / tput('s1ref-pools'), 2)}")
@@ -265,6 +265,11 @@ def table(args):
                 med, per = paired_ratio(base, f"pgbench-{kind}-c{c}")
                 summary[f"s1_c{c}_vs_pgbench_{kind}"] = med
                 summary[f"s1_c{c}_vs_pgbench_{kind}_rounds"] = per
+        alt = f"s1alt-c{c}-pool{pool}"
+        if alt in groups and base in groups:
+            med, per = paired_ratio(base, alt)
+            summary[f"s1_c{c}_vs_alt_daemon"] = med
+            summary[f"s1_c{c}_vs_alt_daemon_rounds"] = per
     ceiling = tput("s1ref-s2") or tput(f"s1-c{maxc}-pool{pool}")
     s2 = tput("s2-pc1100")
     if s2 is not None:
@@ -321,12 +326,19 @@ def table(args):
           f"total {elapsed}s")
     print("\n".join(lines))
     print()
+    info = machine(out)
+    alt_name = f"{info.get('alt_daemon') or '?'}, {info.get('alt_daemon_version') or '?'}"
     print("targets:")
     for c in concs:
         print(f"  S1 c{c}: daemon / pgbench-2PC = {summary.get(f's1_c{c}_vs_pgbench_2pc')} "
               f"(rounds {summary.get(f's1_c{c}_vs_pgbench_2pc_rounds')}; target >= 1.0); "
               f"/ pgbench-1PC = {summary.get(f's1_c{c}_vs_pgbench_1pc')}; "
               f"/ pgbench running the daemon's SQL = {summary.get(f's1_c{c}_vs_pgbench_daemonsql')}")
+        if f"s1_c{c}_vs_alt_daemon" in summary:
+            spread = tput_rounds(f"s1-c{c}-pool{pool}").values()
+            print(f"  S1 c{c}: this build / BENCH_ALT_DAEMON ({alt_name}) = {summary[f's1_c{c}_vs_alt_daemon']} "
+                  f"(rounds {summary[f's1_c{c}_vs_alt_daemon_rounds']}; this build's own rounds "
+                  f"{min(spread):.0f}-{max(spread):.0f}/s)")
     if s2 is not None:
         print(f"  S2: {s2:.1f}/s vs bound min(1000/0.2s = 5000, daemon ceiling {ceiling}) = {summary['s2_bound']:.1f}: "
               f"{summary['s2_vs_bound']} (target >= 0.9); with processor_max_connections=64: "
@@ -340,7 +352,7 @@ def table(args):
     print("\n".join(mem_lines) if mem_lines else "  not run")
     if inv:
         print(f"invariants: {inv}")
-    result = {"machine": machine(out), "params": {"seconds": secs, "rounds": nrounds, "accounts": naccts,
+    result = {"machine": info, "params": {"seconds": secs, "rounds": nrounds, "accounts": naccts,
                                                "pool_size": pool, "concurrency": concs, "s4_latency_ms": s4lat,
                                                "elapsed_s": elapsed},
               "summary": summary, "aggregated": agg, "invariants": inv, "runs": runs,

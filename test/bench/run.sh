@@ -46,9 +46,11 @@
 #   BENCH_OUT [build-bench/bench-out]  results directory
 #   BENCH_BUILD [build-bench]          build directory (Release, no fail points)
 #   BENCH_KEEP [0]          keep the work directory (logs, pgbench logs)
-#   BENCH_ALT_DAEMON []     a second paycoord binary (e.g. a patched build) run
-#                           interleaved with the first in S1, S3b and S4 as
-#                           "s1alt-...", "s4alt-...": measures a proposal
+#   BENCH_ALT_DAEMON []     a second paycoord binary (a patched build, or an older
+#                           version such as 0.1 against today's schema) run
+#                           interleaved with the first in S1 (taking turns at
+#                           going first), S3b and S4 as "s1alt-...", "s4alt-...";
+#                           settings it does not know are left out (and said)
 #   BENCH_SCENARIOS ["pgbench s1 pools s2 s3 s4 profile"]  which parts to run; also
 #                           "sqlvariants": pgbench prices of parts of the daemon's SQL,
 #                           "s2x": where S2's throughput goes
@@ -109,7 +111,12 @@ fi
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 rm -f "$out"/*.json "$out"/*.txt "$out"/*.svg
-echo "{\"commit\": \"$build_commit\", \"built\": \"$(date -u +%Y-%m-%dT%H:%M:%SZ)\"}" >"$out/build-info.json"
+alt_version=
+if [ -n "$alt" ]; then
+    [ -x "$alt" ] || die "BENCH_ALT_DAEMON=$alt is not an executable"
+    alt_version=$("$alt" --version 2>&1 | head -n 1 | tr -d '"\\')
+fi
+echo "{\"commit\": \"$build_commit\", \"built\": \"$(date -u +%Y-%m-%dT%H:%M:%SZ)\", \"alt_daemon\": \"$alt\", \"alt_daemon_version\": \"$alt_version\"}" >"$out/build-info.json"
 work=$(mktemp -d /tmp/paycoord-bench.XXXXXX)
 chmod 755 "$work"
 mkdir -p "$work/runs"
@@ -208,8 +215,25 @@ start_daemon() {
         echo "log_level = $loglevel"
         [ -n "$allow_root" ] && echo "$allow_root"
         for l in "$@"; do echo "$l"; done
-    } >"$conf"
-    "${daemon_bin:-$daemon}" --config "$conf" 2>"$work/runs/$name.daemon.log" &
+    } >"$conf.all"
+    # Only the settings this binary knows (its --config-reference): another
+    # version given as BENCH_ALT_DAEMON may lack some, and refuses to start on
+    # an unknown one. What is left out is said once per binary and setting.
+    local bin=${daemon_bin:-$daemon} key line
+    local known=$work/known-$(echo "$bin" | md5sum | cut -c1-8)
+    [ -f "$known" ] || "$bin" --config-reference | sed -n 's/^| `\([a-z_0-9]*\)` |.*/\1/p' >"$known"
+    : >"$conf"
+    while IFS= read -r line; do
+        key=${line%%=*}
+        key=${key// /}
+        if [ ! -s "$known" ] || grep -qx "$key" "$known"; then
+            echo "$line" >>"$conf"
+        elif ! grep -qx "$key" "$known.skipped" 2>/dev/null; then
+            echo "$key" >>"$known.skipped"
+            echo "run.sh: $bin does not know the setting $key: left out of its configuration" >&2
+        fi
+    done <"$conf.all"
+    "$bin" --config "$conf" 2>"$work/runs/$name.daemon.log" &
     daemon_pid=$!
 }
 
@@ -434,9 +458,15 @@ for r in $(seq 1 "$rounds"); do
         fi
         want s1 || continue
         sim_reset
+        # With BENCH_ALT_DAEMON the two builds take turns going first, so that
+        # neither always meets the bigger tables (or the warmer caches).
+        if [ -n "$alt" ] && [ $((r % 2)) = 0 ]; then
+            daemon_bin=$alt daemon_run "s1alt-c$c-pool$pool-r$r" "$pool" 64 "" --connections "$c" --depth 1 \
+                --accounts "$naccts" --duration "$secs" --warmup "$warm"
+        fi
         daemon_run "s1-c$c-pool$pool-r$r" "$pool" 64 "" --connections "$c" --depth 1 --accounts "$naccts" \
             --duration "$secs" --warmup "$warm"
-        if [ -n "$alt" ]; then
+        if [ -n "$alt" ] && [ $((r % 2)) = 1 ]; then
             daemon_bin=$alt daemon_run "s1alt-c$c-pool$pool-r$r" "$pool" 64 "" --connections "$c" --depth 1 \
                 --accounts "$naccts" --duration "$secs" --warmup "$warm"
         fi
