@@ -287,9 +287,9 @@ static void step_why(const pb_run *r, pb_step *st, const pb_dstats *last, double
         snprintf(w, n, "the daemon's stats op did not answer");
         return;
     }
-    int k = snprintf(w, n, "after %.0fs in_flight %lld (highest %lld), prepared %lld, processor requests open %lld "
-                     "(highest %lld)", waited_s, last->in_flight, st->best.in_flight, last->prepared,
-                     last->proc_in_flight, st->best.proc_in_flight);
+    int k = snprintf(w, n, "not filled within %.0fs (--hold-timeout): in_flight %lld (highest %lld), prepared %lld, "
+                     "processor requests open %lld (highest %lld)", waited_s, last->in_flight, st->best.in_flight,
+                     last->prepared, last->proc_in_flight, st->best.proc_in_flight);
     if (k > 0 && (size_t)k < n && r->answers_total > 0)
         snprintf(w + k, n - (size_t)k, "; %llu payments already answered: they finished before the step filled",
                  (unsigned long long)r->answers_total);
