@@ -4,12 +4,12 @@
       one pgbench run as JSON on stdout (tps from pgbench's summary,
       latency percentiles from its per-transaction logs, machine CPU busy
       from the /proc/stat jiffies sampled around it)
-  report.py wal RUNJSON "W0" "W1"
+  report.py wal RUNJSON "W0" "W1" [EXTRA]
       adds PostgreSQL's WAL figures of one run to its JSON: W0 and W1 are
       "wal_sync wal_bytes wal_records wal_write" of pg_stat_wal before and
       after it; per payment = delta / the run's successful payments (a
       daemon run's succeeded_total, warm-up and drain included; pgbench's
-      transactions)
+      transactions; EXTRA: payments made in the same span besides the run's)
   report.py table OUTDIR SECS ACCOUNTS POOL MAXC ELAPSED S4LAT "CONCS"
       reads OUTDIR/run-*.json, prints the table and the targets, writes
       OUTDIR/bench-results.json
@@ -80,6 +80,7 @@ def wal(args):
         n = r.get("answers") or 0
     else:
         n = r.get("succeeded_total") or r.get("answers_total") or r.get("answers") or 0
+    n += int(args[3]) if len(args) > 3 else 0     # payments made besides the run's own (a warm-up)
     d = [b - a for a, b in zip(w0, w1)]
     r["wal"] = {"syncs": d[0], "bytes": d[1], "records": d[2], "writes": d[3], "payments": n,
                 "syncs_per_payment": round(d[0] / n, 3) if n else None,

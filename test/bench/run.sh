@@ -401,10 +401,11 @@ wal_settle() {
     [ "$n" = 0 ] || echo "run.sh: $n client sessions still open: their WAL counts may be missing" >&2
     sleep 0.5
 }
-# wal_attach NAME W0: add the WAL deltas since W0 to $out/run-NAME.json
+# wal_attach NAME W0 [N]: add the WAL deltas since W0 to $out/run-NAME.json
+# (N: payments made in the same span besides the run's own)
 wal_attach() {
     wal_settle
-    "$py" "$src/test/bench/report.py" wal "$out/run-$1.json" "$2" "$(wal_counters)"
+    "$py" "$src/test/bench/report.py" wal "$out/run-$1.json" "$2" "$(wal_counters)" "${3:-0}"
 }
 
 # pgbench_run NAME SCRIPT CLIENTS [DATABASE]
@@ -617,9 +618,10 @@ fi
 # ------------------------------------------------------------------ profile
 if want profile && [ "$profile" = 1 ] && command -v perf >/dev/null; then
     say "profile: perf record (cpu-clock, dwarf call graphs) of the daemon under S1, c$maxc pool $pool"
+    w0=$(wal_counters)
     start_daemon "profile" "$pool" 64
     "$paybench" --socket "$work/paycoord.sock" --wait-ready 30 --connections 1 --duration 0.5 --warmup 0 \
-        --quiet --key-prefix "profwarm-$$" >/dev/null 2>&1 || true
+        --quiet --key-prefix "profwarm-$$" --json "$work/profwarm.json" >/dev/null 2>&1 || true
     perf record -e cpu-clock -F 997 --call-graph dwarf,16384 -p "$daemon_pid" -o "$work/perf.data" \
         >"$work/perf.log" 2>&1 &
     perf_pid=$!
@@ -629,6 +631,9 @@ if want profile && [ "$profile" = 1 ] && command -v perf >/dev/null; then
     wait "$perf_pid" 2>/dev/null || true
     perf_pid=
     stop_daemon
+    # the warm-up's payments are in the WAL deltas too
+    [ -f "$out/run-profile.json" ] && wal_attach profile "$w0" \
+        "$("$py" -c 'import json,sys; print(json.load(open(sys.argv[1])).get("succeeded_total", 0))' "$work/profwarm.json" 2>/dev/null || echo 0)"
     summarize_log profile
     # self time by library and symbol; by library; inclusive time of named functions
     perf report -i "$work/perf.data" --stdio --no-children --sort dso,symbol -g none --percent-limit 0.5 \
