@@ -4,6 +4,12 @@
       one pgbench run as JSON on stdout (tps from pgbench's summary,
       latency percentiles from its per-transaction logs, machine CPU busy
       from the /proc/stat jiffies sampled around it)
+  report.py wal RUNJSON "W0" "W1" [EXTRA]
+      adds PostgreSQL's WAL figures of one run to its JSON: W0 and W1 are
+      "wal_sync wal_bytes wal_records wal_write" of pg_stat_wal before and
+      after it; per payment = delta / the run's successful payments (a
+      daemon run's succeeded_total, warm-up and drain included; pgbench's
+      transactions; EXTRA: payments made in the same span besides the run's)
   report.py table OUTDIR SECS ACCOUNTS POOL MAXC ELAPSED S4LAT "CONCS"
       reads OUTDIR/run-*.json, prints the table and the targets, writes
       OUTDIR/bench-results.json
@@ -64,6 +70,25 @@ def pgbench(args):
                        "p999": pct(lat, 99.9), "max": lat[-1] if lat else 0.0},
         "failed": int(failed.group(1)) if failed else None, "aborted": aborted,
         "machine_cpu_busy_pct": round(100.0 * (b1 - b0) / (t1 - t0), 1) if t1 > t0 else 0.0}))
+
+
+def wal(args):
+    path, w0, w1 = args[0], [int(x) for x in args[1].split()], [int(x) for x in args[2].split()]
+    with open(path) as f:
+        r = json.load(f)
+    if r.get("kind") == "pgbench":
+        n = r.get("answers") or 0
+    else:
+        n = r.get("succeeded_total") or r.get("answers_total") or r.get("answers") or 0
+    n += int(args[3]) if len(args) > 3 else 0     # payments made besides the run's own (a warm-up)
+    d = [b - a for a, b in zip(w0, w1)]
+    r["wal"] = {"syncs": d[0], "bytes": d[1], "records": d[2], "writes": d[3], "payments": n,
+                "syncs_per_payment": round(d[0] / n, 3) if n else None,
+                "bytes_per_payment": round(d[1] / n) if n else None,
+                "records_per_payment": round(d[2] / n, 2) if n else None}
+    with open(path, "w") as f:
+        json.dump(r, f)
+        f.write("\n")
 
 
 def machine(out_dir):
@@ -171,6 +196,8 @@ def table(args):
         lat = rm.get("latency_ms", {})
         dcpu = median([r.get("daemon", {}).get("cpu_s_per_1000") for r in g.values()])
         pgcpu = median([r.get("pg_cpu_s_per_1000") for r in g.values()])
+        wsync = median([(r.get("wal") or {}).get("syncs_per_payment") for r in g.values()])
+        wbytes = median([(r.get("wal") or {}).get("bytes_per_payment") for r in g.values()])
         hwm = max([r.get("daemon", {}).get("vmhwm_kb", 0) for r in g.values()] or [0])
         other = median([r.get("other_cpu_pct") for r in g.values()])
         busy = median([r.get("machine_cpu_busy_pct") for r in g.values()])
@@ -192,7 +219,7 @@ def table(args):
         vsbase = None
         if base.startswith("s1alt-") and base.replace("s1alt-", "s1-") in groups:
             vsbase = paired_ratio(base, base.replace("s1alt-", "s1-"))[0]
-            notes.append(f"x baseline build {vsbase} (paired rounds)")
+            notes.append(f"BENCH_ALT_DAEMON / this build = {vsbase} (paired rounds)")
         if "s1ref-pools" in groups and (re.match(r"s1-c%d-pool(\d+)$" % maxc, base) and int(re.match(r"s1-c%d-pool(\d+)$" % maxc, base).group(1)) != pool
                                         or base.endswith("-lognotice")):
             notes.append(f"x adjacent reference run {round(median(tp) / tput('s1ref-pools'), 2)}")
@@ -212,17 +239,20 @@ def table(args):
         spread = f"{min(tp):.0f}-{max(tp):.0f}" if len(tp) > 1 else ""
         agg[base] = {"rounds": len(g), "payments_per_s_median": median(tp), "payments_per_s_rounds": tp,
                      "latency_ms_median_round": lat, "daemon_cpu_s_per_1000": dcpu, "pg_cpu_s_per_1000": pgcpu,
+                     "wal_syncs_per_payment": wsync, "wal_bytes_per_payment": wbytes,
                      "daemon_vmhwm_kb": hwm or None, "machine_cpu_busy_pct": busy, "other_cpu_pct": other,
                      "errors_by_code": errs, "other_statuses": st,
                      "vs_pgbench_2pc": vs2, "vs_pgbench_1pc": vs1, "vs_pgbench_daemonsql": vsd,
                      "vs_baseline_build": vsbase}
         rows.append([base, inflight, fmt(median(tp)), spread, fmt(lat.get("p50"), 2), fmt(lat.get("p99"), 2),
-                     fmt(lat.get("p999"), 2), fmt(dcpu, 3), fmt(pgcpu, 3),
+                     fmt(lat.get("p999"), 2), fmt(dcpu, 3), fmt(pgcpu, 3), fmt(wsync, 2),
+                     fmt(round(wbytes) if wbytes is not None else None),
                      fmt(round(hwm / 1024.0, 1)) if hwm else "-", fmt(busy, 0), fmt(other, 0),
                      fmt(vs2, 2), fmt(vs1, 2), "; ".join(notes)])
 
     hdr = ["run", "in flight", "payments/s", "rounds min-max", "p50 ms", "p99 ms", "p99.9 ms",
-           "daemon cpu s/1000", "postgres cpu s/1000", "daemon VmHWM MiB", "machine cpu %", "others' cpu %",
+           "daemon cpu s/1000", "postgres cpu s/1000", "WAL flushes/payment", "WAL bytes/payment",
+           "daemon VmHWM MiB", "machine cpu %", "others' cpu %",
            "x pgb-2PC", "x pgb-1PC", "notes"]
     lines = ["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
     for row in rows:
@@ -236,6 +266,11 @@ def table(args):
                 med, per = paired_ratio(base, f"pgbench-{kind}-c{c}")
                 summary[f"s1_c{c}_vs_pgbench_{kind}"] = med
                 summary[f"s1_c{c}_vs_pgbench_{kind}_rounds"] = per
+        alt = f"s1alt-c{c}-pool{pool}"
+        if alt in groups and base in groups:
+            med, per = paired_ratio(base, alt)
+            summary[f"s1_c{c}_vs_alt_daemon"] = med
+            summary[f"s1_c{c}_vs_alt_daemon_rounds"] = per
     ceiling = tput("s1ref-s2") or tput(f"s1-c{maxc}-pool{pool}")
     s2 = tput("s2-pc1100")
     if s2 is not None:
@@ -254,19 +289,37 @@ def table(args):
                              "errors_by_code": runs[name].get("errors_by_code"),
                              "latency_ms": runs[name].get("latency_ms")}
     mem_lines = []
-    for name in ("s4-hold", "s4alt-hold", "s4-pending"):
+    mem_names = {"s4-hold": "S4, each payment's request open at a slow processor",
+                 "s4alt-hold": "S4 with BENCH_ALT_DAEMON",
+                 "s4-pending": "S4b, each payment answered 'pending' by the processor, polled"}
+    for name in mem_names:
         r = runs.get(name)
         if not r:
             continue
         h = r.get("hold", [])
-        summary[name] = {"steps": h, "bytes_per_in_flight": r.get("bytes_per_in_flight"),
+        bpf = r.get("bytes_per_in_flight")
+        w = r.get("wal") or {}
+        summary[name] = {"steps": h, "bytes_per_in_flight": bpf, "not_measured": r.get("not_measured"),
+                         "bytes_per_in_flight_from_idle": r.get("bytes_per_in_flight_from_idle"),
                          "vmrss_idle_kb": r.get("daemon", {}).get("vmrss_idle_kb"),
-                         "vmhwm_kb": r.get("daemon", {}).get("vmhwm_kb"),
+                         "vmhwm_kb": r.get("daemon", {}).get("vmhwm_kb"), "wal": w,
                          "ok_by_status": r.get("ok_by_status"), "errors_by_code": r.get("errors_by_code")}
-        steps = ", ".join(f"{s['prepared']} prepared: VmRSS {s['vmrss_kb'] / 1024:.1f} MiB" for s in h)
-        mem_lines.append(f"  {name}: idle VmRSS {r.get('daemon', {}).get('vmrss_idle_kb', 0) / 1024:.1f} MiB, "
-                         f"{steps}; bytes per in-flight payment = {r.get('bytes_per_in_flight')} "
-                         f"(target <= 4096); answers {r.get('ok_by_status')} errors {r.get('errors_by_code')}")
+        steps = "; ".join(
+            f"step {s['target']}: in_flight {s['in_flight']}, processor requests open {s['processor_in_flight']}, "
+            f"prepared {s['prepared']}, VmRSS {s['vmrss_kb'] / 1024:.1f} MiB"
+            + ("" if s.get("reached") else f" (NOT REACHED: {s.get('why')})") for s in h)
+        if bpf is None:
+            fig = f"bytes per in-flight payment: not measured: {r.get('not_measured')}"
+        else:
+            fig = (f"bytes per in-flight payment = {bpf:.0f} (target <= 4096; from idle to the first step "
+                   f"{r.get('bytes_per_in_flight_from_idle'):.0f}, which includes start-up growth)")
+            if not 512 <= bpf <= 262144:
+                fig += " IMPLAUSIBLE: look at the steps"
+        mem_lines.append(f"  {name} ({mem_names[name]}, mode {r.get('hold_mode')}): "
+                         f"idle VmRSS {r.get('daemon', {}).get('vmrss_idle_kb', 0) / 1024:.1f} MiB; {steps}")
+        mem_lines.append(f"    {fig}")
+        mem_lines.append(f"    answers {r.get('ok_by_status')} errors {r.get('errors_by_code')}; "
+                         f"WAL {w.get('syncs_per_payment')} flushes, {w.get('bytes_per_payment')} bytes per payment")
 
     print()
     print(f"paycoord benchmark: {secs:.0f}s per run, {nrounds} interleaved rounds of the S1/pgbench block "
@@ -274,12 +327,19 @@ def table(args):
           f"total {elapsed}s")
     print("\n".join(lines))
     print()
+    info = machine(out)
+    alt_name = f"{info.get('alt_daemon') or '?'}, {info.get('alt_daemon_version') or '?'}"
     print("targets:")
     for c in concs:
         print(f"  S1 c{c}: daemon / pgbench-2PC = {summary.get(f's1_c{c}_vs_pgbench_2pc')} "
               f"(rounds {summary.get(f's1_c{c}_vs_pgbench_2pc_rounds')}; target >= 1.0); "
               f"/ pgbench-1PC = {summary.get(f's1_c{c}_vs_pgbench_1pc')}; "
               f"/ pgbench running the daemon's SQL = {summary.get(f's1_c{c}_vs_pgbench_daemonsql')}")
+        if f"s1_c{c}_vs_alt_daemon" in summary:
+            spread = tput_rounds(f"s1-c{c}-pool{pool}").values()
+            print(f"  S1 c{c}: this build / BENCH_ALT_DAEMON ({alt_name}) = {summary[f's1_c{c}_vs_alt_daemon']} "
+                  f"(rounds {summary[f's1_c{c}_vs_alt_daemon_rounds']}; this build's own rounds "
+                  f"{min(spread):.0f}-{max(spread):.0f}/s)")
     if s2 is not None:
         print(f"  S2: {s2:.1f}/s vs bound min(1000/0.2s = 5000, daemon ceiling {ceiling}) = {summary['s2_bound']:.1f}: "
               f"{summary['s2_vs_bound']} (target >= 0.9); with processor_max_connections=64: "
@@ -293,7 +353,7 @@ def table(args):
     print("\n".join(mem_lines) if mem_lines else "  not run")
     if inv:
         print(f"invariants: {inv}")
-    result = {"machine": machine(out), "params": {"seconds": secs, "rounds": nrounds, "accounts": naccts,
+    result = {"machine": info, "params": {"seconds": secs, "rounds": nrounds, "accounts": naccts,
                                                "pool_size": pool, "concurrency": concs, "s4_latency_ms": s4lat,
                                                "elapsed_s": elapsed},
               "summary": summary, "aggregated": agg, "invariants": inv, "runs": runs,
@@ -306,6 +366,8 @@ def table(args):
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "pgbench":
         pgbench(sys.argv[2:])
+    elif len(sys.argv) > 1 and sys.argv[1] == "wal":
+        wal(sys.argv[2:])
     elif len(sys.argv) > 1 and sys.argv[1] == "table":
         table(sys.argv[2:])
     else:

@@ -6,19 +6,23 @@
 #   pgbench ceilings  2PC (begin, conditional debit, payment row, ledger row,
 #                     PREPARE TRANSACTION / COMMIT PREPARED: 2 round trips),
 #                     single phase (same, COMMIT: 1 round trip), and the
-#                     daemon's own SQL text replayed by pgbench
+#                     daemon's current statements replayed by pgbench
+#                     (pgbench-daemonsql: store_pg.c, store_pg_batch.c)
 #   S1  processor latency 0, random accounts of N, concurrency 16 and 64,
 #       pool sizes; throughput, latency, daemon CPU per 1000 payments, RSS
 #   S2  processor latency 200 ms, 1000 in flight on distinct accounts
 #   S3  hot accounts: every payment on 10 accounts (S3b, run last: with a
 #       200 ms processor, so that queues outlast queue_timeout_ms)
-#   S4  memory: RSS with 1000 and 10000 payments in flight, held at a slow
-#       processor (S4) or answered pending and polled (S4b)
+#   S4  memory: the daemon's VmRSS and its own in-flight count with 1000 and
+#       10000 payments in flight, each with its request open at a slow
+#       processor (S4) or answered 'pending' and polled (S4b)
 #   profile  perf record of the daemon under S1 (BENCH_PROFILE=0 skips it)
 #
 # The machine may be shared: pgbench and the daemon run interleaved, ratios
 # are taken within a round, and every run reports the CPU used by processes
-# that are not part of the benchmark ("others' cpu %").
+# that are not part of the benchmark ("others' cpu %"). Every run, pgbench's
+# and the daemon's, also reports PostgreSQL's CPU and its WAL flushes and WAL
+# bytes per payment (pg_stat_wal around the run: see wal_counters below).
 #
 # and prints one table; the same figures go to $BENCH_OUT/bench-results.json.
 # Every server it starts is stopped on exit. Run as root or as a user that
@@ -35,14 +39,18 @@
 #   BENCH_POOL [16]         daemon pool_size for S1..S4
 #   BENCH_POOLS ["8 32"]    extra pool sizes tried at the highest concurrency
 #   BENCH_LOG_LEVEL [info]  daemon log_level (a run at notice is added too)
-#   BENCH_S4_LATENCY_MS [20000]   processor latency while S4 holds payments
+#   BENCH_S4_LATENCY_MS [60000]   how long S4 holds each payment: the processor's
+#                           latency (S4), its poll interval (S4b); each step must fill within it
+#   BENCH_S4_STEPS [1000,10000]   payments in flight at which S4 samples memory
 #   BENCH_PROFILE [1]       perf profile run (BENCH_PROFILE_SECONDS [10])
 #   BENCH_OUT [build-bench/bench-out]  results directory
 #   BENCH_BUILD [build-bench]          build directory (Release, no fail points)
 #   BENCH_KEEP [0]          keep the work directory (logs, pgbench logs)
-#   BENCH_ALT_DAEMON []     a second paycoord binary (e.g. a patched build) run
-#                           interleaved with the first in S1, S3b and S4 as
-#                           "s1alt-...", "s4alt-...": measures a proposal
+#   BENCH_ALT_DAEMON []     a second paycoord binary (a patched build, or an older
+#                           version such as 0.1 against today's schema) run
+#                           interleaved with the first in S1 (taking turns at
+#                           going first), S3b and S4 as "s1alt-...", "s4alt-...";
+#                           settings it does not know are left out (and said)
 #   BENCH_SCENARIOS ["pgbench s1 pools s2 s3 s4 profile"]  which parts to run; also
 #                           "sqlvariants": pgbench prices of parts of the daemon's SQL,
 #                           "s2x": where S2's throughput goes
@@ -58,7 +66,8 @@ concs=${BENCH_CONCURRENCY:-"16 64"}
 pool=${BENCH_POOL:-16}
 pools=${BENCH_POOLS:-"8 32"}
 loglevel=${BENCH_LOG_LEVEL:-info}
-s4lat=${BENCH_S4_LATENCY_MS:-20000}
+s4lat=${BENCH_S4_LATENCY_MS:-60000}
+s4steps=${BENCH_S4_STEPS:-1000,10000}
 profile=${BENCH_PROFILE:-1}
 profsecs=${BENCH_PROFILE_SECONDS:-10}
 out=${BENCH_OUT:-$build/bench-out}
@@ -81,22 +90,18 @@ done
 # ------------------------------------------------------------------ build
 say "build (Release, PAYCOORD_FAILPOINTS=OFF) in $build"
 cmake -S "$src" -B "$build" -DCMAKE_BUILD_TYPE=Release -DPAYCOORD_FAILPOINTS=OFF >/dev/null
-cmake --build "$build" -j"$(nproc)" --target paycoord psp-sim -- --no-print-directory >/dev/null
+# paybench is a target of the project (test/bench/CMakeLists.txt, from test/CMakeLists.txt).
+cmake --build "$build" -j"$(nproc)" --target paycoord psp-sim paybench -- --no-print-directory >/dev/null
 paybench=$build/test/bench/paybench
-if cmake --build "$build" --target help 2>/dev/null | grep -q '\bpaybench\b'; then
-    cmake --build "$build" --target paybench -- --no-print-directory >/dev/null
-else
-    # test/bench is not wired into test/CMakeLists.txt yet: build it by hand.
-    mkdir -p "$build/test/bench"
-    gcc -std=c11 -D_GNU_SOURCE -O2 -g -Wall -Wextra -Wshadow -Wstrict-prototypes -Wmissing-prototypes \
-        -Wformat=2 -Wundef -o "$paybench" "$src/test/bench/paybench.c"
-fi
 daemon=$build/coordinator/paycoord
 build_commit=$(git -C "$src" rev-parse --short HEAD 2>/dev/null || echo unknown)
 if [ -n "$(git -C "$src" status --porcelain -- coordinator proto sql recovery 2>/dev/null)" ]; then
     build_commit="$build_commit+uncommitted daemon changes"
 fi
 sim=$build/test/processor/psp-sim
+# the pool's lock_timeout (db_lock_timeout_ms), for pgbench running the daemon's SQL
+db_lock_ms=$("$daemon" --config-reference | sed -n 's/^| `db_lock_timeout_ms` | `\([0-9]*\)`.*/\1/p')
+db_lock_ms=${db_lock_ms:-200}
 allow_root=
 if [ "$(id -u)" -eq 0 ] && "$daemon" --config-reference | grep -q '`allow_root`'; then
     allow_root="allow_root = true"      # the daemon refuses root otherwise
@@ -106,7 +111,12 @@ fi
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 rm -f "$out"/*.json "$out"/*.txt "$out"/*.svg
-echo "{\"commit\": \"$build_commit\", \"built\": \"$(date -u +%Y-%m-%dT%H:%M:%SZ)\"}" >"$out/build-info.json"
+alt_version=
+if [ -n "$alt" ]; then
+    [ -x "$alt" ] || die "BENCH_ALT_DAEMON=$alt is not an executable"
+    alt_version=$("$alt" --version 2>&1 | head -n 1 | tr -d '"\\')
+fi
+echo "{\"commit\": \"$build_commit\", \"built\": \"$(date -u +%Y-%m-%dT%H:%M:%SZ)\", \"alt_daemon\": \"$alt\", \"alt_daemon_version\": \"$alt_version\"}" >"$out/build-info.json"
 work=$(mktemp -d /tmp/paycoord-bench.XXXXXX)
 chmod 755 "$work"
 mkdir -p "$work/runs"
@@ -205,8 +215,25 @@ start_daemon() {
         echo "log_level = $loglevel"
         [ -n "$allow_root" ] && echo "$allow_root"
         for l in "$@"; do echo "$l"; done
-    } >"$conf"
-    "${daemon_bin:-$daemon}" --config "$conf" 2>"$work/runs/$name.daemon.log" &
+    } >"$conf.all"
+    # Only the settings this binary knows (its --config-reference): another
+    # version given as BENCH_ALT_DAEMON may lack some, and refuses to start on
+    # an unknown one. What is left out is said once per binary and setting.
+    local bin=${daemon_bin:-$daemon} key line
+    local known=$work/known-$(echo "$bin" | md5sum | cut -c1-8)
+    [ -f "$known" ] || "$bin" --config-reference | sed -n 's/^| `\([a-z_0-9]*\)` |.*/\1/p' >"$known"
+    : >"$conf"
+    while IFS= read -r line; do
+        key=${line%%=*}
+        key=${key// /}
+        if [ ! -s "$known" ] || grep -qx "$key" "$known"; then
+            echo "$line" >>"$conf"
+        elif ! grep -qx "$key" "$known.skipped" 2>/dev/null; then
+            echo "$key" >>"$known.skipped"
+            echo "run.sh: $bin does not know the setting $key: left out of its configuration" >&2
+        fi
+    done <"$conf.all"
+    "$bin" --config "$conf" 2>"$work/runs/$name.daemon.log" &
     daemon_pid=$!
 }
 
@@ -229,13 +256,15 @@ bench() {
 
 # daemon_run NAME POOL PROC_CONNS "CONFIG LINES" [paybench options]
 daemon_run() {
-    local name=$1 psize=$2 pconns=$3 extra=$4
+    local name=$1 psize=$2 pconns=$3 extra=$4 w0
     shift 4
     local lines=()
     if [ -n "$extra" ]; then IFS=';' read -r -a lines <<<"$extra"; fi
+    w0=$(wal_counters)
     start_daemon "$name" "$psize" "$pconns" "${lines[@]}"
     bench "$name" "$@"
     stop_daemon
+    [ -f "$out/run-$name.json" ] && wal_attach "$name" "$w0"
     summarize_log "$name"
 }
 
@@ -265,67 +294,140 @@ cat >"$work/pgb-1pc.sql" <<'SQL'
 \set r random(1, 999999999999999)
 BEGIN \; UPDATE accounts SET balance = balance - 1, updated_at = now() WHERE id = 'acct-:aid' AND balance >= 1 \; INSERT INTO payments (payment_id, idempotency_key, account_id, amount, currency, gid, node, status, deadline) VALUES (md5('pgb1-:tag-:client_id-:r')::uuid, 'pgb1-:tag-:client_id-:r', 'acct-:aid', 1, 'USD', 'pgb:1:' || md5('pgb1-:tag-:client_id-:r'), 'pgb', 'succeeded', now() + interval '60 s') \; INSERT INTO ledger (account_id, amount, balance_after, payment_id) SELECT id, -1, balance, md5('pgb1-:tag-:client_id-:r')::uuid FROM accounts WHERE id = 'acct-:aid' \; COMMIT;
 SQL
-# The daemon's statements for one successful payment, verbatim (payment.c:
-# start_phase1, start_phase2, ref_batch_flush): 2 round trips and 2 synchronous
-# flushes per payment, plus one asynchronous UPDATE of processor_ref per 64.
-cat >"$work/pgb-daemonsql.sql" <<'SQL'
-\set aid random(1, :naccounts)
-\set seq :seq + 1
-BEGIN \; SET LOCAL synchronous_commit TO off \; SELECT pc_pay_intent(md5('pgbd-:tag-:client_id-:seq')::uuid, 'pgbd-:tag-:client_id-:seq', 'acct-:aid', 1, 'USD', NULL, NULL::jsonb, 'pgbd-:tag-:client_id-:seq', 'pgb', 60000) \; COMMIT \; BEGIN \; SET LOCAL lock_timeout TO '200ms' \; SELECT pc_pay_debit(md5('pgbd-:tag-:client_id-:seq')::uuid, 'acct-:aid', 1) \; PREPARE TRANSACTION 'pgbd-:tag-:client_id-:seq';
-COMMIT PREPARED 'pgbd-:tag-:client_id-:seq';
-\if :seq % 64 = 0
-BEGIN \; SET LOCAL synchronous_commit TO off \; UPDATE payments p SET processor_ref = 'psp_bench_' || k, updated_at = now() FROM generate_series(:seq - 63, :seq) k WHERE p.payment_id = md5('pgbd-:tag-:client_id-' || k)::uuid \; COMMIT;
-\endif
-SQL
-# The same with a processor_ref transaction per payment (the daemon before
-# commit 5c823fe batched them): what the batching saves.
-cat >"$work/pgb-v-refeach.sql" <<'SQL'
-\set aid random(1, :naccounts)
-\set r random(1, 999999999999999)
-BEGIN \; SET LOCAL synchronous_commit TO off \; SELECT pc_pay_intent(md5('pgbe-:tag-:client_id-:r')::uuid, 'pgbe-:tag-:client_id-:r', 'acct-:aid', 1, 'USD', NULL, NULL::jsonb, 'pgbe-:tag-:client_id-:r', 'pgb', 60000) \; COMMIT \; BEGIN \; SET LOCAL lock_timeout TO '200ms' \; SELECT pc_pay_debit(md5('pgbe-:tag-:client_id-:r')::uuid, 'acct-:aid', 1) \; PREPARE TRANSACTION 'pgbe-:tag-:client_id-:r';
-COMMIT PREPARED 'pgbe-:tag-:client_id-:r';
-BEGIN \; SET LOCAL synchronous_commit TO off \; UPDATE payments SET processor_ref = 'psp_bench_:r', updated_at = now() WHERE payment_id = md5('pgbe-:tag-:client_id-:r')::uuid \; COMMIT;
-SQL
-# Variants of the daemon's SQL, to price each part of it (BENCH_SCENARIOS=sqlvariants):
-# without the asynchronous processor_ref update (round trip 3) ...
-cat >"$work/pgb-v-noref.sql" <<'SQL'
-\set aid random(1, :naccounts)
-\set r random(1, 999999999999999)
-BEGIN \; SET LOCAL synchronous_commit TO off \; SELECT pc_pay_intent(md5('pgbv-:tag-:client_id-:r')::uuid, 'pgbv-:tag-:client_id-:r', 'acct-:aid', 1, 'USD', NULL, NULL::jsonb, 'pgbv-:tag-:client_id-:r', 'pgb', 60000) \; COMMIT \; BEGIN \; SET LOCAL lock_timeout TO '200ms' \; SELECT pc_pay_debit(md5('pgbv-:tag-:client_id-:r')::uuid, 'acct-:aid', 1) \; PREPARE TRANSACTION 'pgbv-:tag-:client_id-:r';
-COMMIT PREPARED 'pgbv-:tag-:client_id-:r';
-SQL
-# ... and also without the separate intent transaction (intent and debit in the prepared one)
-cat >"$work/pgb-v-onetx.sql" <<'SQL'
-\set aid random(1, :naccounts)
-\set r random(1, 999999999999999)
-BEGIN \; SET LOCAL lock_timeout TO '200ms' \; SELECT pc_pay_intent(md5('pgbw-:tag-:client_id-:r')::uuid, 'pgbw-:tag-:client_id-:r', 'acct-:aid', 1, 'USD', NULL, NULL::jsonb, 'pgbw-:tag-:client_id-:r', 'pgb', 60000) \; SELECT pc_pay_debit(md5('pgbw-:tag-:client_id-:r')::uuid, 'acct-:aid', 1) \; PREPARE TRANSACTION 'pgbw-:tag-:client_id-:r';
-COMMIT PREPARED 'pgbw-:tag-:client_id-:r';
-SQL
-# ... and also without the status update inside the prepared transaction
-# ('succeeded' derived from the ledger row, which commits with the debit)
-cat >"$work/pgb-v-nostatus.sql" <<'SQL'
-\set aid random(1, :naccounts)
-\set r random(1, 999999999999999)
-BEGIN \; SET LOCAL synchronous_commit TO off \; SELECT pc_pay_intent(md5('pgbx-:tag-:client_id-:r')::uuid, 'pgbx-:tag-:client_id-:r', 'acct-:aid', 1, 'USD', NULL, NULL::jsonb, 'pgbx-:tag-:client_id-:r', 'pgb', 60000) \; COMMIT \; BEGIN \; SET LOCAL lock_timeout TO '200ms' \; UPDATE accounts SET balance = balance - 1, updated_at = now() WHERE id = 'acct-:aid' AND balance >= 1 \; INSERT INTO ledger (account_id, amount, balance_after, payment_id) SELECT id, -1, balance, md5('pgbx-:tag-:client_id-:r')::uuid FROM accounts WHERE id = 'acct-:aid' \; PREPARE TRANSACTION 'pgbx-:tag-:client_id-:r';
-COMMIT PREPARED 'pgbx-:tag-:client_id-:r';
-SQL
+# The daemon's statements for one successful payment, replayed by pgbench
+# (pgbench-daemonsql and the sqlvariants). Each line says which function of
+# coordinator/ it mirrors; the text is the daemon's own, with pgbench
+# variables where the daemon puts its values:
+#   payment_id  :run-:cid-4000-8000-:s  (a uuid written in digits: 8-4-4-4-12)
+#   key, gid    pgbd-:tag-:client_id-:seq      node 'pgb', deadline 60000 ms
+#   created_at / updated_at: :now_ms (the daemon sends its clock, in ms)
+# The sessions get lock_timeout from the connection options, as the pool's
+# do (pgpool_conn.c: "-c lock_timeout=<db_lock_timeout_ms>ms"). Differences
+# that pgbench forces: store_save_processor_ref sends its UPDATE with
+# parameters (PQsendQueryParams), pgbench -M simple sends the values inline;
+# the daemon batches the success writes of all payments (BATCH_MAX 64 or
+# every BATCH_MS 20 ms, whichever first), each pgbench client its own 64.
+#
+# daemonsql_script FILE PREFIX INTENT REF BATCH
+#   INTENT  async  store_phase1 as the daemon sends it: the intent in its own
+#                  transaction with asynchronous commit, then the debit
+#           inside the intent and the debit in the one prepared transaction
+#   REF     sync   store_save_processor_ref as the daemon sends it: its own
+#                  transaction, synchronous commit (a WAL flush)
+#           async  the same with synchronous_commit off
+#           none   not sent (the batched success write carries the ref)
+#   BATCH   yes    store_record_success's batched UPDATE; no: not sent
+daemonsql_script() {
+    local file=$1 p=$2 intent=$3 ref=$4 batch=$5 k
+    local id="':run-:cid-4000-8000-:s'" key="'$p-:tag-:client_id-:seq'"
+    local intent_sql="SELECT pc_pay_intent2($id, $key, 'acct-:aid', 1, 'USD', NULL, NULL::jsonb, $key, 'pgb', 60000, :now_ms)"
+    local debit_sql="SELECT pc_pay_debit2($id, 'acct-:aid', 1) \\; PREPARE TRANSACTION $key"
+    {
+        echo '\set aid random(1, :naccounts)'
+        echo '\set seq :seq + 1'
+        echo '\set cid 1000 + :client_id'
+        echo '\set s 100000000000 + :seq'
+        if [ "$intent" = async ]; then
+            echo "-- store_pg.c store_phase1(with_intent): pc_pay_intent2 committed asynchronously, then pc_pay_debit2 + PREPARE TRANSACTION: one round trip"
+            echo "BEGIN \\; SET LOCAL synchronous_commit TO off \\; $intent_sql \\; COMMIT \\; BEGIN \\; $debit_sql;"
+        else
+            echo "-- variant: pc_pay_intent2 and pc_pay_debit2 in one prepared transaction (no asynchronous intent transaction)"
+            echo "BEGIN \\; $intent_sql \\; $debit_sql;"
+        fi
+        local ref_sql="UPDATE payments SET processor_ref = 'psp_:s' WHERE payment_id = $id::uuid AND processor_ref IS DISTINCT FROM 'psp_:s'"
+        case $ref in
+            sync)
+                echo "-- payment_proc.c note_ref -> store_pg.c store_save_processor_ref: the processor's id, own transaction, synchronous commit"
+                echo "$ref_sql;" ;;
+            async)
+                echo "-- variant: store_save_processor_ref with asynchronous commit"
+                echo "BEGIN \\; SET LOCAL synchronous_commit TO off \\; $ref_sql \\; COMMIT;" ;;
+        esac
+        echo "-- store_pg.c store_finish(commit): payment.c pm_start_finish"
+        echo "COMMIT PREPARED $key;"
+        if [ "$batch" = yes ]; then
+            echo "-- store_pg_batch.c flush_now (store_record_success): status and processor_ref of the last 64 payments, asynchronous commit"
+            echo '\if :seq % 64 = 0'
+            local values="(':run-:cid-4000-8000-:s', 'psp_:s', :now_ms)"
+            for k in $(seq 1 63); do
+                echo "\\set k$k :s - $k"
+                values="$values, (':run-:cid-4000-8000-:k$k', 'psp_:k$k', :now_ms)"
+            done
+            echo "BEGIN \\; SET LOCAL synchronous_commit TO off \\; UPDATE payments p SET status = 'succeeded', processor_ref = coalesce(v.ref, p.processor_ref), updated_at = 'epoch'::timestamptz + v.at * interval '1 millisecond' FROM (VALUES $values) v(id, ref, at) WHERE p.payment_id = v.id::uuid AND p.status = 'pending' \\; COMMIT;"
+            echo '\endif'
+        fi
+    } >"$file"
+}
+# What the daemon sends now (coordinator/db/store_pg.c, store_pg_batch.c, with
+# sql/003_derived_status.sql): 3 round trips and 2 synchronous WAL flushes of
+# its own (PREPARE TRANSACTION, the processor_ref UPDATE) plus COMMIT PREPARED's,
+# and one asynchronous batched UPDATE per 64 payments.
+daemonsql_script "$work/pgb-d-daemonsql.sql" pgbd async sync yes
+# Variants (BENCH_SCENARIOS=sqlvariants), each differing from it by its name:
+daemonsql_script "$work/pgb-d-refasync.sql" pgbe async async yes   # the ref UPDATE without its flush
+daemonsql_script "$work/pgb-d-noref.sql" pgbf async none yes       # no ref UPDATE: the batch carries the ref
+daemonsql_script "$work/pgb-d-noref-nobatch.sql" pgbg async none no  # neither: the row keeps 'pending', derived status says 'succeeded'
+daemonsql_script "$work/pgb-d-onetx.sql" pgbh inside none yes      # and the intent inside the prepared transaction
+# Dropped since sql/003_derived_status.sql: "nostatus" (no status UPDATE in the
+# prepared transaction) is what pc_pay_debit2 does now, so it is daemonsql;
+# "refeach" (a processor_ref transaction per payment) is what
+# store_save_processor_ref does now, so it is daemonsql too.
 chmod 644 "$work"/pgb-*.sql
 
 sys_jiffies() { awk '/^cpu /{t=0; for(i=2;i<=9;i++) t+=$i; print t-$5-$6, t}' /proc/stat; }
 
-# pgbench_run NAME SCRIPT CLIENTS
+# WAL per payment: PostgreSQL 15's pg_stat_wal, sampled before and after each
+# run (pgbench's or the daemon's). wal_sync counts the WAL fsyncs
+# (fdatasync here: issue_xlog_fsync, with fsync on) with or without
+# track_wal_io_timing, which only adds the *_time columns; it is left off.
+# wal_bytes is the WAL generated. A session's counts reach pg_stat_wal when it
+# exits (while it runs, at most once a second), the WAL writer's after each
+# of its rounds (wal_writer_delay, 200 ms): so the second sample is taken once
+# every client session of the run is gone, and a round later. The deltas cover
+# everything PostgreSQL did meanwhile (the WAL writer's flushes of
+# asynchronous commits, the daemon's recovery pool, autovacuum) and are
+# divided by the run's successful payments (the daemon's: warm-up and drain
+# included, paybench's succeeded_total; pgbench's: its transactions).
+wal_counters() {
+    psqlq -tA -F ' ' -c "SELECT wal_sync, wal_bytes, wal_records, wal_write FROM pg_stat_wal"
+}
+wal_settle() {
+    local n=
+    for _ in $(seq 100); do
+        n=$(psqlq -tAc "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()")
+        [ "$n" = 0 ] && break
+        sleep 0.1
+    done
+    [ "$n" = 0 ] || echo "run.sh: $n client sessions still open: their WAL counts may be missing" >&2
+    sleep 0.5
+}
+# wal_attach NAME W0 [N]: add the WAL deltas since W0 to $out/run-NAME.json
+# (N: payments made in the same span besides the run's own)
+wal_attach() {
+    wal_settle
+    "$py" "$src/test/bench/report.py" wal "$out/run-$1.json" "$2" "$(wal_counters)" "${3:-0}"
+}
+
+# pgbench_run NAME SCRIPT CLIENTS [DATABASE]
+pgb_run_no=0
 pgbench_run() {
-    local name=$1 script=$2 clients=$3 db=${4:-paycoord} tag
+    local name=$1 script=$2 clients=$3 db=${4:-paycoord} tag opts=
     tag=$(date +%s%N)
+    pgb_run_no=$((pgb_run_no + 1))
     local threads=2
     [ "$clients" -lt 2 ] && threads=1
+    # the daemon's SQL runs with the pool's session settings
+    case $(basename "$script") in pgb-d-*) opts="-c lock_timeout=${db_lock_ms}ms" ;; esac
     mkdir -p "$work/pgblog-$name"
     chown postgres: "$work/pgblog-$name" 2>/dev/null || true
+    local w0
+    w0=$(wal_counters)
     read -r b0 t0 < <(sys_jiffies)
     local p0 p1 tf=$work/runs/$name.time
     p0=$(pg_ticks)
-    { TIMEFORMAT='%U %S'; time as_pg "$pgbin/pgbench" -n -M simple -h "$pgsock" -U postgres -c "$clients" \
-        -j "$threads" -T "$secs" -D naccounts="$naccts" -D tag="$tag" -D seq=0 -f "$script" -l \
+    { TIMEFORMAT='%U %S'; time PGOPTIONS="$opts" as_pg "$pgbin/pgbench" -n -M simple -h "$pgsock" -U postgres \
+        -c "$clients" -j "$threads" -T "$secs" -D naccounts="$naccts" -D tag="$tag" -D seq=0 \
+        -D run=$((10000000 + pgb_run_no)) -D now_ms="$(date +%s%3N)" -f "$script" -l \
         --log-prefix="$work/pgblog-$name/tx" "$db" >"$work/runs/$name.pgbench.out" 2>&1 \
         || { echo "run.sh: pgbench $name failed:" >&2; tail -n 5 "$work/runs/$name.pgbench.out" >&2; }; } 2>"$tf"
     sleep 0.2                   # let the postmaster reap the backends
@@ -339,7 +441,8 @@ pgbench_run() {
     "$py" "$src/test/bench/report.py" pgbench "$name" "$clients" "$secs" "$b0" "$t0" "$b1" "$t1" \
         "$work/runs/$name.pgbench.out" "$work/pgblog-$name" "$p0" "$p1" "$(cat "$tf")" "$(getconf CLK_TCK)" \
         >"$out/run-$name.json"
-    "$py" -c 'import json,sys; r=json.load(open(sys.argv[1])); print("%-26s c=%-3d %8.1f tps  p50 %.2f  p99 %.2f  p99.9 %.2f ms  machine cpu %.0f%%  postgres %.3f s/1000  other %.0f%%" % (r["label"], r["connections"], r["payments_per_s"], r["latency_ms"]["p50"], r["latency_ms"]["p99"], r["latency_ms"]["p999"], r["machine_cpu_busy_pct"], r["pg_cpu_s_per_1000"], r["other_cpu_pct"]))' "$out/run-$name.json" >&2
+    wal_attach "$name" "$w0"
+    "$py" -c 'import json,sys; r=json.load(open(sys.argv[1])); w=r.get("wal") or {}; print("%-26s c=%-3d %8.1f tps  p50 %.2f  p99 %.2f  p99.9 %.2f ms  machine cpu %.0f%%  postgres %.3f s/1000  WAL %s flushes, %s bytes per payment  other %.0f%%" % (r["label"], r["connections"], r["payments_per_s"], r["latency_ms"]["p50"], r["latency_ms"]["p99"], r["latency_ms"]["p999"], r["machine_cpu_busy_pct"], r["pg_cpu_s_per_1000"], w.get("syncs_per_payment"), w.get("bytes_per_payment"), r["other_cpu_pct"]))' "$out/run-$name.json" >&2
     rm -rf "$work/pgblog-$name"
 }
 
@@ -352,13 +455,19 @@ for r in $(seq 1 "$rounds"); do
         if want pgbench; then
             pgbench_run "pgbench-2pc-c$c-r$r" "$work/pgb-2pc.sql" "$c"
             pgbench_run "pgbench-1pc-c$c-r$r" "$work/pgb-1pc.sql" "$c"
-            pgbench_run "pgbench-daemonsql-c$c-r$r" "$work/pgb-daemonsql.sql" "$c"
+            pgbench_run "pgbench-daemonsql-c$c-r$r" "$work/pgb-d-daemonsql.sql" "$c"
         fi
         want s1 || continue
         sim_reset
+        # With BENCH_ALT_DAEMON the two builds take turns going first, so that
+        # neither always meets the bigger tables (or the warmer caches).
+        if [ -n "$alt" ] && [ $((r % 2)) = 0 ]; then
+            daemon_bin=$alt daemon_run "s1alt-c$c-pool$pool-r$r" "$pool" 64 "" --connections "$c" --depth 1 \
+                --accounts "$naccts" --duration "$secs" --warmup "$warm"
+        fi
         daemon_run "s1-c$c-pool$pool-r$r" "$pool" 64 "" --connections "$c" --depth 1 --accounts "$naccts" \
             --duration "$secs" --warmup "$warm"
-        if [ -n "$alt" ]; then
+        if [ -n "$alt" ] && [ $((r % 2)) = 1 ]; then
             daemon_bin=$alt daemon_run "s1alt-c$c-pool$pool-r$r" "$pool" 64 "" --connections "$c" --depth 1 \
                 --accounts "$naccts" --duration "$secs" --warmup "$warm"
         fi
@@ -431,28 +540,25 @@ fi
 
 # ------------------------------------------------------------------ S4
 if want s4; then
-    say "S4: memory: payments held in flight at a slow processor (latency ${s4lat} ms), 1000 then 10000"
+    # A step counts only when every payment of it is held at once: the hold
+    # lasts s4lat (the processor's latency in S4, the poll interval in S4b),
+    # so a step not filled within s4lat cannot be reached any more.
+    s4conf="processor_timeout_ms = $((s4lat + 60000));payment_deadline_ms = $((s4lat + 600000));pay_wait_ms = $((s4lat + 120000));log_level = notice"
+    s4args=(--connections 20 --depth 500 --account-mode slot --accounts "$naccts" --hold-steps "$s4steps"
+            --hold-timeout $((s4lat / 1000)) --drain $((s4lat / 1000 + 120)))
+    say "S4: memory: payments held in flight at a slow processor (latency ${s4lat} ms), steps $s4steps"
     sim_reset
     sim_control "{\"latency_ms\":$s4lat}"
-    daemon_run "s4-hold" "$pool" 10000 \
-        "processor_timeout_ms = $((s4lat + 60000));payment_deadline_ms = $((s4lat + 600000));pay_wait_ms = $((s4lat + 120000));log_level = notice" \
-        --connections 20 --depth 500 --account-mode slot --accounts "$naccts" --hold-steps 1000,10000 \
-        --hold-timeout 120 --drain $((s4lat / 1000 + 120))
+    daemon_run "s4-hold" "$pool" 10000 "$s4conf" "${s4args[@]}" --hold-mode open
     if [ -n "$alt" ]; then
         sim_reset
         sim_control "{\"latency_ms\":$s4lat}"
-        daemon_bin=$alt daemon_run "s4alt-hold" "$pool" 10000 \
-            "processor_timeout_ms = $((s4lat + 60000));payment_deadline_ms = $((s4lat + 600000));pay_wait_ms = $((s4lat + 120000));log_level = notice" \
-            --connections 20 --depth 500 --account-mode slot --accounts "$naccts" --hold-steps 1000,10000 \
-            --hold-timeout 120 --drain $((s4lat / 1000 + 120))
+        daemon_bin=$alt daemon_run "s4alt-hold" "$pool" 10000 "$s4conf" "${s4args[@]}" --hold-mode open
     fi
-    say "S4b: memory: payments pending at the processor (answered 'pending', polled every 30 s)"
+    say "S4b: memory: payments pending at the processor (answered 'pending' at once, polled every ${s4lat} ms), steps $s4steps"
     sim_reset
     sim_control '{"pending_rate":1,"settle_ms":10000,"settle_status":"succeeded"}'
-    daemon_run "s4-pending" "$pool" 64 \
-        "processor_poll_ms = 30000;payment_deadline_ms = 600000;pay_wait_ms = 120000;log_level = notice" \
-        --connections 20 --depth 500 --account-mode slot --accounts "$naccts" --hold-steps 1000,10000 \
-        --hold-timeout 120 --drain 150
+    daemon_run "s4-pending" "$pool" 64 "$s4conf;processor_poll_ms = $s4lat" "${s4args[@]}" --hold-mode pending
     sim_reset
 fi
 
@@ -473,12 +579,13 @@ if want sqlvariants; then
         done | psqlq >/dev/null
     }
     # A copy of the database without the two partial indexes on payments.status
-    # (they make every status update a non-HOT update that touches every index).
+    # (every intent adds an entry to each, and while they exist the batched
+    # status UPDATE can never be HOT: it adds an entry to every index).
     psqlq -d postgres -c "CREATE DATABASE paycoord_nopartial TEMPLATE paycoord" >/dev/null
     psqlq -d paycoord_nopartial -c "DROP INDEX payments_pending; DROP INDEX payments_node_pending" >/dev/null
     # Copies with room on each payments page (fillfactor 80), so that the
-    # processor_ref update can be HOT (no new index entries); with the
-    # partial indexes dropped too, the status update as well.
+    # processor_ref UPDATE can be HOT (no new index entries); with the
+    # partial indexes dropped too, the batched status UPDATE as well.
     psqlq -d postgres -c "CREATE DATABASE paycoord_ff80 TEMPLATE paycoord" >/dev/null
     psqlq -d paycoord_ff80 -c "ALTER TABLE payments SET (fillfactor = 80)" >/dev/null
     psqlq -d postgres -c "CREATE DATABASE paycoord_ff80_nopartial TEMPLATE paycoord_nopartial" >/dev/null
@@ -487,21 +594,21 @@ if want sqlvariants; then
         for c in $concs; do
             say "round $r/$rounds, concurrency $c: the daemon's SQL, priced part by part (pgbench)"
             pgbench_run "sqlv-2pc-c$c-r$r" "$work/pgb-2pc.sql" "$c"
-            pgbench_run "sqlv-daemonsql-c$c-r$r" "$work/pgb-daemonsql.sql" "$c"
-            pgbench_run "sqlv-refeach-c$c-r$r" "$work/pgb-v-refeach.sql" "$c"
-            pgbench_run "sqlv-noref-c$c-r$r" "$work/pgb-v-noref.sql" "$c"
-            pgbench_run "sqlv-onetx-c$c-r$r" "$work/pgb-v-onetx.sql" "$c"
-            pgbench_run "sqlv-noref-nopartial-c$c-r$r" "$work/pgb-v-noref.sql" "$c" paycoord_nopartial
-            pgbench_run "sqlv-noref-nostatus-c$c-r$r" "$work/pgb-v-nostatus.sql" "$c"
-            pgbench_run "sqlv-daemonsql-ff80-c$c-r$r" "$work/pgb-daemonsql.sql" "$c" paycoord_ff80
-            pgbench_run "sqlv-daemonsql-ff80-nopartial-c$c-r$r" "$work/pgb-daemonsql.sql" "$c" paycoord_ff80_nopartial
+            pgbench_run "sqlv-daemonsql-c$c-r$r" "$work/pgb-d-daemonsql.sql" "$c"
+            pgbench_run "sqlv-refasync-c$c-r$r" "$work/pgb-d-refasync.sql" "$c"
+            pgbench_run "sqlv-noref-c$c-r$r" "$work/pgb-d-noref.sql" "$c"
+            pgbench_run "sqlv-noref-nobatch-c$c-r$r" "$work/pgb-d-noref-nobatch.sql" "$c"
+            pgbench_run "sqlv-onetx-c$c-r$r" "$work/pgb-d-onetx.sql" "$c"
+            pgbench_run "sqlv-daemonsql-nopartial-c$c-r$r" "$work/pgb-d-daemonsql.sql" "$c" paycoord_nopartial
+            pgbench_run "sqlv-daemonsql-ff80-c$c-r$r" "$work/pgb-d-daemonsql.sql" "$c" paycoord_ff80
+            pgbench_run "sqlv-daemonsql-ff80-nopartial-c$c-r$r" "$work/pgb-d-daemonsql.sql" "$c" paycoord_ff80_nopartial
             # With 300 other prepared transactions open (as with S2's 1000 in
             # flight at 200 ms): what they cost every other transaction.
             hold_prepared 300
             naccts_saved=$naccts
             naccts=$((naccts - 300))
             pgbench_run "sqlv-2pc-held300-c$c-r$r" "$work/pgb-2pc.sql" "$c"
-            pgbench_run "sqlv-daemonsql-held300-c$c-r$r" "$work/pgb-daemonsql.sql" "$c"
+            pgbench_run "sqlv-daemonsql-held300-c$c-r$r" "$work/pgb-d-daemonsql.sql" "$c"
             naccts=$naccts_saved
             release_prepared
         done
@@ -511,9 +618,10 @@ fi
 # ------------------------------------------------------------------ profile
 if want profile && [ "$profile" = 1 ] && command -v perf >/dev/null; then
     say "profile: perf record (cpu-clock, dwarf call graphs) of the daemon under S1, c$maxc pool $pool"
+    w0=$(wal_counters)
     start_daemon "profile" "$pool" 64
     "$paybench" --socket "$work/paycoord.sock" --wait-ready 30 --connections 1 --duration 0.5 --warmup 0 \
-        --quiet --key-prefix "profwarm-$$" >/dev/null 2>&1 || true
+        --quiet --key-prefix "profwarm-$$" --json "$work/profwarm.json" >/dev/null 2>&1 || true
     perf record -e cpu-clock -F 997 --call-graph dwarf,16384 -p "$daemon_pid" -o "$work/perf.data" \
         >"$work/perf.log" 2>&1 &
     perf_pid=$!
@@ -523,6 +631,9 @@ if want profile && [ "$profile" = 1 ] && command -v perf >/dev/null; then
     wait "$perf_pid" 2>/dev/null || true
     perf_pid=
     stop_daemon
+    # the warm-up's payments are in the WAL deltas too
+    [ -f "$out/run-profile.json" ] && wal_attach profile "$w0" \
+        "$("$py" -c 'import json,sys; print(json.load(open(sys.argv[1])).get("succeeded_total", 0))' "$work/profwarm.json" 2>/dev/null || echo 0)"
     summarize_log profile
     # self time by library and symbol; by library; inclusive time of named functions
     perf report -i "$work/perf.data" --stdio --no-children --sort dso,symbol -g none --percent-limit 0.5 \
@@ -553,20 +664,30 @@ if want s3; then
 fi
 
 # ------------------------------------------------------------------ invariants
+# A payment's status is the derived one (sql/003_derived_status.sql: 'succeeded'
+# iff its ledger debit committed); the row's own column may lag behind it.
 say "invariants (I1 ledger sums to balance; I4 no negative balance; no prepared left)"
 inv=$(psqlq -tA <<'SQL'
 SELECT (SELECT count(*) FROM accounts a
          WHERE a.balance <> (SELECT coalesce(sum(l.amount), 0) FROM ledger l WHERE l.account_id = a.id))
        || ' ' || (SELECT count(*) FROM accounts WHERE balance < 0)
        || ' ' || (SELECT count(*) FROM pg_prepared_xacts)
-       || ' ' || (SELECT count(*) FROM payments WHERE node = 'bench' AND status = 'succeeded')
-       || ' ' || (SELECT count(*) FROM payments WHERE node = 'bench' AND status <> 'succeeded');
+       || ' ' || (SELECT count(*) FROM payments_view WHERE node = 'bench' AND derived_status = 'succeeded')
+       || ' ' || (SELECT count(*) FROM payments_view WHERE node = 'bench' AND derived_status <> 'succeeded')
+       -- pgbench-daemonsql wrote what the daemon writes: every row its processor_ref and
+       -- a committed debit; the row's own status 'succeeded' but for the last batch of
+       -- each client (fewer than 64 per pgbench client and run)
+       || ' ' || (SELECT count(*) || ' ' || count(processor_ref) || ' '
+                         || count(*) FILTER (WHERE derived_status = 'succeeded') || ' '
+                         || count(*) FILTER (WHERE status = 'succeeded')
+                    FROM payments_view WHERE node = 'pgb' AND idempotency_key LIKE 'pgbd-%');
 SQL
 )
-read -r inv_bad inv_neg inv_prep inv_ok inv_other <<<"$inv"
-echo "{\"ledger_mismatch_accounts\":$inv_bad,\"negative_balances\":$inv_neg,\"prepared_left\":$inv_prep,\"daemon_payments_succeeded\":$inv_ok,\"daemon_payments_other\":$inv_other}" \
+read -r inv_bad inv_neg inv_prep inv_ok inv_other rp_n rp_ref rp_debited rp_row <<<"$inv"
+echo "{\"ledger_mismatch_accounts\":$inv_bad,\"negative_balances\":$inv_neg,\"prepared_left\":$inv_prep,\"daemon_payments_succeeded\":$inv_ok,\"daemon_payments_other\":$inv_other,\"daemonsql_replay\":{\"payments\":$rp_n,\"with_processor_ref\":$rp_ref,\"debit_committed\":$rp_debited,\"row_succeeded\":$rp_row}}" \
     >"$out/run-invariants.json"
 echo "accounts whose ledger != balance: $inv_bad; negative: $inv_neg; prepared left: $inv_prep; daemon payments succeeded: $inv_ok, other: $inv_other" >&2
+echo "pgbench-daemonsql payments: $rp_n; with processor_ref $rp_ref, debit committed $rp_debited, row status succeeded $rp_row (the rest: last batches)" >&2
 
 # ------------------------------------------------------------------ table + JSON
 t_end=$(date +%s)

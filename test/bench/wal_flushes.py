@@ -1,8 +1,9 @@
-"""Measures synchronous WAL flushes and round trips per successful payment
-(docs/architecture.md, "Durability budget and round trips"): N sequential payments through the daemon on
-an fsync-on cluster; pg_stat_wal.wal_sync before/after, and the statements
-the daemon sent (pg_stat_statements is not needed: the pool's query count is
-read from `stats`). Prints the figures.
+"""Measures synchronous WAL flushes per successful payment without group
+commit (docs/architecture.md, "Durability budget and round trips"): N sequential
+payments through the daemon on an fsync-on cluster, pg_stat_wal.wal_sync
+before and after. Prints the figures. (test/bench/run.sh reports the same
+counter for every run, under concurrency, where one flush serves many
+commits.)
 
     /usr/bin/python3 test/bench/wal_flushes.py [--payments 300]
 """
