@@ -189,7 +189,7 @@ static void begin_cb(st_status st, int64_t resolution_id, void *arg)
         return;
     }
     x->resolution_id = resolution_id;
-    if (store_finish(CH_REC, q->gid, q->action == PROTO_ACTION_COMMIT, NULL, finish_cb, x) != STORE_QUEUED) {
+    if (store_finish(CH_REC, q->gid, q->action == PROTO_ACTION_COMMIT, finish_cb, x) != STORE_QUEUED) {
         x->outcome = "not_sent";
         if (store_resolve_end(x->resolution_id, q->gid, x->outcome, false, false, end_cb, x) != STORE_QUEUED)
             end_cb(ST_NOT_SENT, x);

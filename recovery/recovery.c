@@ -197,6 +197,29 @@ static void item_leave(rec_item *it, const char *why)
     item_done(it);
 }
 
+/* Not settleable before a known time (a processor without cancel by key:
+ * the end of its idempotency window). Waiting is the plan, not a failed
+ * attempt: nothing is counted, and the gid is looked at again then (or at
+ * the recovery interval, if that comes first). */
+static void item_wait(rec_item *it, const char *why, int64_t due_in_ms)
+{
+    it->pass->counts.left++;
+    D->stats.recoveries_left++;
+    backoff_entry *b = strmap_get(backoffs, it->gid);
+    if (!b && (b = calloc(1, sizeof(*b))) && strmap_put(backoffs, it->gid, b) != 0) {
+        free(b);
+        b = NULL;
+    }
+    if (due_in_ms < 0)
+        due_in_ms = 0;
+    if (due_in_ms > D->cfg.recovery_interval_ms)
+        due_in_ms = D->cfg.recovery_interval_ms;
+    if (b)
+        b->next_ms = loop_now_ms() + (uint64_t)due_in_ms;
+    log_info("recovery gid=%s event=waiting reason=\"%s\" next_check_ms=%lld", it->gid, why, (long long)due_in_ms);
+    item_done(it);
+}
+
 /* Settled: drop the gid's backoff and bookkeeping. */
 static void forget(rec_item *it)
 {
@@ -216,12 +239,7 @@ static bool want_commit_of(const rec_item *it) { return it->decline_code[0] == '
 
 static void item_finish(rec_item *it)
 {
-    bool commit = want_commit_of(it);
-    store_commit_note note = { .payment_id = it->payment_id,
-                               .processor_ref = it->processor_ref[0] ? it->processor_ref : NULL,
-                               .updated_ms = loop_wall_ms() };
-    if (store_finish(CH_REC, it->gid, commit, commit && it->payment_id[0] ? &note : NULL, finish_cb, it) !=
-        STORE_QUEUED)
+    if (store_finish(CH_REC, it->gid, want_commit_of(it), finish_cb, it) != STORE_QUEUED)
         item_leave(it, "database unavailable for the second phase");
 }
 
@@ -417,7 +435,8 @@ static void cancel_cb(const proc_result *res, void *arg)
             flag_review(it, "rolled back after the idempotency window without cancel-by-key: reconcile");
             item_rollback(it, "expired_unconfirmed", NULL);
         } else {
-            item_leave(it, "processor cannot cancel by key; waiting out its idempotency window");
+            item_wait(it, "processor cannot cancel by key; waiting out its idempotency window",
+                      (int64_t)D->cfg.processor_idempotency_window_s * 1000 - it->since_deadline_ms);
         }
         return;
     default:

@@ -18,12 +18,17 @@
  * flush in the same call covers). Everything else may be lost in a crash of
  * PostgreSQL, and is written only where recovery can rebuild it.
  *
- * Statuses. The status a client sees is derived, never read from one
- * column: 'succeeded' when a committed ledger debit exists for the payment
- * (that debit commits exactly with COMMIT PREPARED), else the row's status
- * ('pending', 'declined', 'insufficient_funds'). The row's own column is
- * brought up to date afterwards (store_record_success) and, if that write is
- * lost, by recovery.
+ * Statuses. The row's status column is final only together with the money:
+ * 'succeeded' is written (store_record_success, durable) after COMMIT
+ * PREPARED and before the success is told; 'declined' and
+ * 'insufficient_funds' by store_settle, only for a row without a committed
+ * debit. A row read for a client (store_payment_by_*) says 'succeeded' only
+ * when both its column and a committed ledger debit say so: a committed
+ * debit whose row still says 'pending' (the daemon died between the two
+ * writes) reads 'pending' until recovery brings the row up to date, so no
+ * success is ever told without the processor_ref and updated_at it will
+ * keep. payments_view.derived_status (operators, recovery) says
+ * 'succeeded' as soon as the debit is committed.
  *
  * Locks. The prepared debit holds the account row (FOR NO KEY UPDATE) and,
  * through the ledger's foreign key, a KEY SHARE lock on the payment row: so
@@ -152,20 +157,9 @@ typedef struct store_p2 {
     double elapsed_ms;
 } store_p2;
 
-/* What a commit's answer will say about the payment, written into its row
- * before COMMIT PREPARED: asynchronously committed, but ahead of COMMIT
- * PREPARED in the WAL, so that the commit's flush makes it durable too. A
- * replay after a crash then answers the same processor_ref and updated_at. */
-typedef struct store_commit_note {
-    const char *payment_id;
-    const char *processor_ref;     /* NULL: none */
-    int64_t updated_ms;            /* the answer's updated_at (ms since the epoch) */
-} store_commit_note;
-
-/* COMMIT PREPARED or ROLLBACK PREPARED gid; note (commit only, may be NULL)
- * is written first. */
-int store_finish(store_chan ch, const char *gid, bool commit, const store_commit_note *note,
-                 void (*cb)(const store_p2 *, void *), void *arg) PC_MUSTCHECK;
+/* COMMIT PREPARED or ROLLBACK PREPARED gid. */
+int store_finish(store_chan ch, const char *gid, bool commit, void (*cb)(const store_p2 *, void *), void *arg)
+    PC_MUSTCHECK;
 
 typedef struct store_settled {
     st_status st;
@@ -181,10 +175,10 @@ typedef struct store_settled {
 int store_settle(store_chan ch, const store_pay *p, const char *status, const char *decline_code,
                  const char *processor_ref, void (*cb)(const store_settled *, void *), void *arg) PC_MUSTCHECK;
 
-/* After COMMIT PREPARED: the row's status 'succeeded' and the processor's
- * reference, written in batches with asynchronous commit (a lost write is
- * rebuilt by recovery; the derived status is right without it). cb fires
- * once the batch holding it has been written (ok) or has failed. */
+/* Durable: after COMMIT PREPARED, the row's status 'succeeded', the
+ * processor's reference and the answer's updated_at, for many payments in one
+ * statement (self-clocking batches). cb fires once the write holding it is
+ * flushed (ok) or has failed. */
 int store_record_success(const char *payment_id, const char *processor_ref, int64_t updated_ms,
                          void (*cb)(bool ok, void *), void *arg) PC_MUSTCHECK;
 

@@ -12,7 +12,6 @@
  */
 #include "store_pg.h"
 #include "ctx.h"
-#include "gid.h"
 #include "log.h"
 #include "loop.h"
 #include "sbuf.h"
@@ -364,79 +363,15 @@ static void finish_cb(const pgpool_reply *r, void *arg)
     free(c);
 }
 
-/* Send the second phase; c is consumed either way. */
-static int send_finish(store_chan ch, const char *gid, bool commit, spg_call *c)
+int store_finish(store_chan ch, const char *gid, bool commit, void (*cb)(const store_p2 *, void *), void *arg)
 {
     sbuf q;
     sbuf_init(&q);
     sbuf_puts(&q, commit ? "COMMIT PREPARED " : "ROLLBACK PREPARED ");
     sbuf_literal(&q, gid);
-    int rc = sbuf_ok(&q) ? spg_query(ch, sbuf_str(&q), finish_cb, c) : (free(c), STORE_OVERLOADED);
+    int rc = sbuf_ok(&q) ? spg_query(ch, sbuf_str(&q), finish_cb, spg_call_new((store_any_fn)cb, arg))
+                         : STORE_OVERLOADED;
     sbuf_free(&q);
-    return rc;
-}
-
-typedef struct finish_note {
-    spg_call *c;
-    store_chan ch;
-    char gid[GID_MAX + 1];
-} finish_note;
-
-/* The note is written (or not): COMMIT PREPARED now. A note that failed
- * costs only its durability (recovery repairs the row after a crash). */
-static void note_cb(const pgpool_reply *r, void *arg)
-{
-    finish_note *n = arg;
-    spg_call *c = n->c;
-    if (r->status == PGQ_SHUTDOWN) {
-        finish_cb(r, c);
-    } else {
-        if (r->status != PGQ_OK && !spg_closing())
-            log_warn("store gid=%s event=commit_note_failed error=\"%s\"", n->gid, r->errmsg);
-        store_any_fn fn = c->fn;
-        void *fn_arg = c->arg;
-        if (send_finish(n->ch, n->gid, true, c) != STORE_QUEUED) {
-            store_p2 res = { .outcome = P2_RETRY, .sqlstate = "", .errmsg = "not sent" };
-            ((p2_fn)fn)(&res, fn_arg);
-        }
-    }
-    free(n);
-}
-
-int store_finish(store_chan ch, const char *gid, bool commit, const store_commit_note *note,
-                 void (*cb)(const store_p2 *, void *), void *arg)
-{
-    spg_call *c = spg_call_new((store_any_fn)cb, arg);
-    if (!c)
-        return STORE_OVERLOADED;
-    if (!commit || !note)
-        return send_finish(ch, gid, commit, c);
-    size_t len = strlen(gid);
-    finish_note *n = len <= GID_MAX ? calloc(1, sizeof(*n)) : NULL;
-    sbuf q;
-    sbuf_init(&q);
-    sbuf_printf(&q, "BEGIN; SET LOCAL synchronous_commit TO off; UPDATE payments SET updated_at = pc_ms(%lld)",
-                (long long)note->updated_ms);
-    if (note->processor_ref) {
-        sbuf_puts(&q, ", processor_ref = ");
-        sbuf_literal(&q, note->processor_ref);
-    }
-    sbuf_puts(&q, " WHERE payment_id = ");
-    sbuf_literal(&q, note->payment_id);
-    sbuf_puts(&q, "::uuid AND status = 'pending'; COMMIT");
-    int rc = STORE_OVERLOADED;
-    if (n && sbuf_ok(&q)) {
-        n->c = c;
-        n->ch = ch;
-        memcpy(n->gid, gid, len + 1);
-        rc = pgpool_query(spg_pool(ch), sbuf_str(&q), note_cb, n);
-        rc = rc == PGPOOL_QUEUED ? STORE_QUEUED : refusal(rc);
-    }
-    sbuf_free(&q);
-    if (rc != STORE_QUEUED) {
-        free(n);
-        free(c);
-    }
     return rc;
 }
 
@@ -549,7 +484,7 @@ void store_save_processor_ref(const char *payment_id, const char *processor_ref)
  * (An xid alone is not enough: PostgreSQL commits a transaction that wrote
  * no WAL asynchronously.) */
 #define SPG_FLUSH_PENDING                                                                                   \
-    "CASE WHEN derived_status = 'pending' THEN pg_logical_emit_message(true, 'paycoord', 'flush') IS NOT NULL END"
+    "CASE WHEN " SPG_READ_STATUS " = 'pending' THEN pg_logical_emit_message(true, 'paycoord', 'flush') IS NOT NULL END"
 
 typedef void (*lookup_fn)(const store_lookup *, void *);
 

@@ -40,8 +40,11 @@ int64_t spg_int(const PGresult *res, int row, int col);
 const char *spg_text(const PGresult *res, int row, int col);
 
 /* Columns of payments_view that a payment lookup reads (store_payment_row). */
+/* The status a client is told from a row (see store.h, "Statuses"). */
+#define SPG_READ_STATUS "CASE WHEN derived_status = 'succeeded' AND status = 'pending' THEN 'pending' ELSE derived_status END"
+
 #define SPG_PAYMENT_COLUMNS \
-    "payment_id::text, idempotency_key, gid, account_id, amount::text, currency, reference, derived_status, " \
+    "payment_id::text, idempotency_key, gid, account_id, amount::text, currency, reference, " SPG_READ_STATUS ", " \
     "processor_ref, decline_code, " \
     "to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), " \
     "to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')"

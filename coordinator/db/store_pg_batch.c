@@ -1,11 +1,12 @@
 /*
  * store_pg_batch.c - store_record_success: after COMMIT PREPARED, the row's
- * status 'succeeded' and processor_ref are written with asynchronous commit,
- * one UPDATE for up to BATCH_MAX payments or every BATCH_MS, instead of a
- * transaction per payment. Each caller hears when the batch holding its
- * payment is written (or failed). A lost write leaves the row 'pending' with a
- * committed debit; the derived status says 'succeeded' regardless, and
- * recovery brings the row up to date.
+ * status 'succeeded', processor_ref and updated_at, written (synchronous
+ * commit) before the success is told, for many payments in one UPDATE.
+ * Self-clocking, like a group commit: a write goes out at once when none is
+ * in flight; while one is, the payments that succeed meanwhile collect and
+ * go out together when it returns (or when BATCH_MAX have collected). So a
+ * lone payment waits one round trip, and under load one flush serves many.
+ * Each caller hears when the write holding its payment is done (or failed).
  */
 #include "store_pg.h"
 #include "list.h"
@@ -16,7 +17,6 @@
 #include <stdlib.h>
 
 #define BATCH_MAX 64
-#define BATCH_MS 20
 
 typedef void (*done_fn)(bool ok, void *);
 
@@ -45,6 +45,8 @@ static void batch_done(batch *b, bool ok)
     free(b);
 }
 
+static void flush_now(void);
+
 static void written_cb(const pgpool_reply *r, void *arg)
 {
     batch *b = arg;
@@ -52,6 +54,8 @@ static void written_cb(const pgpool_reply *r, void *arg)
     if (!ok && r->status != PGQ_SHUTDOWN && !spg_closing())
         log_warn("store event=record_success_failed count=%d error=\"%s\"", b->n, r->errmsg);
     batch_done(b, ok);
+    if (ready && collecting && list_empty(&in_flight))
+        flush_now();
 }
 
 static void flush_now(void)
@@ -64,11 +68,11 @@ static void flush_now(void)
     list_push_tail(&in_flight, &b->link);
     sbuf q;
     sbuf_init(&q);
-    sbuf_puts(&q, "BEGIN; SET LOCAL synchronous_commit TO off; UPDATE payments p SET status = 'succeeded', "
+    sbuf_puts(&q, "UPDATE payments p SET status = 'succeeded', "
                   "processor_ref = coalesce(v.ref, p.processor_ref), "
                   "updated_at = 'epoch'::timestamptz + v.at * interval '1 millisecond' FROM (VALUES ");
     sbuf_add(&q, values.data, values.len);
-    sbuf_puts(&q, ") v(id, ref, at) WHERE p.payment_id = v.id::uuid AND p.status = 'pending'; COMMIT");
+    sbuf_puts(&q, ") v(id, ref, at) WHERE p.payment_id = v.id::uuid AND p.status = 'pending'");
     sbuf_reset(&values);
     if (!sbuf_ok(&q) || pgpool_query(spg_pool(CH_PAY), sbuf_str(&q), written_cb, b) != PGPOOL_QUEUED) {
         log_warn("store event=record_success_skipped count=%d", b->n);
@@ -93,7 +97,10 @@ int store_record_success(const char *payment_id, const char *processor_ref, int6
         if (!collecting)
             return STORE_OVERLOADED;
         list_init(&collecting->link);
-        loop_timer_start(&timer, BATCH_MS);
+        /* Nothing in flight: go at the end of this turn of the loop (the
+         * payments that succeed in the same turn join). */
+        if (list_empty(&in_flight))
+            loop_timer_start(&timer, 0);
     }
     batch *b = collecting;
     if (b->n)

@@ -476,35 +476,40 @@ static void record_cb(bool ok, void *arg);
 
 void pm_start_finish(payment *p)
 {
-    bool commit = p->dec == DEC_COMMIT;
-    pm_set_state(p, commit ? PS_COMMIT : PS_ROLLBACK);
-    /* The answer's processor_ref and updated_at go into the row ahead of the
-     * commit, so that a replay after a crash answers the same. */
-    if (commit && !p->commit_wall_ms)
-        p->commit_wall_ms = loop_wall_ms();
-    store_commit_note note = { .payment_id = p->payment_id,
-                               .processor_ref = p->processor_ref[0] ? p->processor_ref : NULL,
-                               .updated_ms = p->commit_wall_ms };
-    if (store_finish(CH_PAY, p->gid, commit, commit ? &note : NULL, finish_cb, p) != STORE_QUEUED)
+    pm_set_state(p, p->dec == DEC_COMMIT ? PS_COMMIT : PS_ROLLBACK);
+    if (store_finish(CH_PAY, p->gid, p->dec == DEC_COMMIT, finish_cb, p) != STORE_QUEUED)
         pm_retry(p, 100, 5000, pm_start_finish);
+}
+
+/* The debit is committed. The success is told only once the row says so
+ * durably, with the processor_ref and updated_at of the answer, so that
+ * every later read (after any crash) returns the same answer; until then
+ * the payment stays in memory and its clients wait (or hear `pending` at
+ * their wait_ms). */
+static void start_record(payment *p)
+{
+    if (store_record_success(p->payment_id, p->processor_ref[0] ? p->processor_ref : NULL, p->updated_wall_ms,
+                             record_cb, p) != STORE_QUEUED)
+        pm_retry(p, 100, 5000, start_record);
 }
 
 static void succeeded(payment *p)
 {
-    p->updated_wall_ms = p->commit_wall_ms ? p->commit_wall_ms : loop_wall_ms();
-    pm_final(p, "succeeded");
+    p->updated_wall_ms = loop_wall_ms();
+    p->attempts = 0;
     pm_set_state(p, PS_RECORD);
-    if (store_record_success(p->payment_id, p->processor_ref[0] ? p->processor_ref : NULL, p->updated_wall_ms,
-                             record_cb, p) != STORE_QUEUED)
-        pm_done(p);             /* recovery brings the row up to date */
+    start_record(p);
 }
 
 static void record_cb(bool ok, void *arg)
 {
     payment *p = arg;
-    if (!ok)
-        log_warn("payment gid=%s key=%s event=record_failed note=\"recovery brings the row up to date\"", p->gid,
-                 p->key);
+    if (!ok) {
+        log_warn("payment gid=%s key=%s event=record_failed note=\"written again shortly\"", p->gid, p->key);
+        pm_retry(p, 100, 5000, start_record);
+        return;
+    }
+    pm_final(p, "succeeded");
     pm_done(p);
 }
 

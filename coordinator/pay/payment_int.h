@@ -54,7 +54,6 @@ struct payment {
     char why[160];                   /* HANDOFF/FLAG: the reason recorded */
     char fence[64];                  /* FENCE: the lost session's token */
     int64_t created_wall_ms, updated_wall_ms;
-    int64_t commit_wall_ms;          /* a commit's updated_at, stamped before COMMIT PREPARED */
     uint64_t started_ms, prepared_ms;
 
     bool intent_written;             /* the intent row is committed (maybe asynchronously) */

@@ -302,21 +302,26 @@ SQL
 #   key, gid    pgbd-:tag-:client_id-:seq      node 'pgb', deadline 60000 ms
 #   created_at / updated_at: :now_ms (the daemon sends its clock, in ms)
 # The sessions get lock_timeout from the connection options, as the pool's
-# do (pgpool_conn.c: "-c lock_timeout=<db_lock_timeout_ms>ms"). Differences
-# that pgbench forces: store_save_processor_ref sends its UPDATE with
-# parameters (PQsendQueryParams), pgbench -M simple sends the values inline;
-# the daemon batches the success writes of all payments (BATCH_MAX 64 or
-# every BATCH_MS 20 ms, whichever first), each pgbench client its own 64.
+# do (pgpool_conn.c: "-c lock_timeout=<db_lock_timeout_ms>ms"). Difference
+# that pgbench forces: the daemon batches the success writes of all payments
+# (those committed while the previous batch was in flight, at most 64), each
+# pgbench client its own 64.
 #
 # daemonsql_script FILE PREFIX INTENT REF BATCH
 #   INTENT  async  store_phase1 as the daemon sends it: the intent in its own
 #                  transaction with asynchronous commit, then the debit
 #           inside the intent and the debit in the one prepared transaction
-#   REF     sync   store_save_processor_ref as the daemon sends it: its own
-#                  transaction, synchronous commit (a WAL flush)
-#           async  the same with synchronous_commit off
+#   REF     note   store_finish's commit note as the daemon sends it: the
+#                  answer's processor_ref and updated_at, own transaction,
+#                  asynchronous commit, one round trip before COMMIT PREPARED
+#           sync   the processor_ref UPDATE of paycoord before the commit note
+#                  (store_save_processor_ref on every answer, synchronous)
 #           none   not sent (the batched success write carries the ref)
-#   BATCH   yes    store_record_success's batched UPDATE; no: not sent
+#   BATCH   sync   store_record_success's batched UPDATE as the daemon sends it,
+#                  synchronous commit (before the success is told)
+#           async  the same with asynchronous commit (paycoord before RECORD
+#                  became synchronous)
+#           no     not sent
 daemonsql_script() {
     local file=$1 p=$2 intent=$3 ref=$4 batch=$5 k
     local id="':run-:cid-4000-8000-:s'" key="'$p-:tag-:client_id-:seq'"
@@ -336,42 +341,44 @@ daemonsql_script() {
         fi
         local ref_sql="UPDATE payments SET processor_ref = 'psp_:s' WHERE payment_id = $id::uuid AND processor_ref IS DISTINCT FROM 'psp_:s'"
         case $ref in
+            note)
+                echo "-- store_pg.c store_finish(commit, note): processor_ref and updated_at, asynchronous commit, before COMMIT PREPARED"
+                echo "BEGIN \\; SET LOCAL synchronous_commit TO off \\; UPDATE payments SET updated_at = pc_ms(:now_ms), processor_ref = 'psp_:s' WHERE payment_id = $id::uuid AND status = 'pending' \\; COMMIT;" ;;
             sync)
                 echo "-- payment_proc.c note_ref -> store_pg.c store_save_processor_ref: the processor's id, own transaction, synchronous commit"
                 echo "$ref_sql;" ;;
-            async)
-                echo "-- variant: store_save_processor_ref with asynchronous commit"
-                echo "BEGIN \\; SET LOCAL synchronous_commit TO off \\; $ref_sql \\; COMMIT;" ;;
         esac
         echo "-- store_pg.c store_finish(commit): payment.c pm_start_finish"
         echo "COMMIT PREPARED $key;"
-        if [ "$batch" = yes ]; then
-            echo "-- store_pg_batch.c flush_now (store_record_success): status and processor_ref of the last 64 payments, asynchronous commit"
+        if [ "$batch" != no ]; then
+            local sc="" ec=""
+            if [ "$batch" = async ]; then sc="BEGIN \\; SET LOCAL synchronous_commit TO off \\; "; ec=" \\; COMMIT"; fi
+            echo "-- store_pg_batch.c flush_now (store_record_success): status, processor_ref, updated_at of the last 64 payments ($batch commit)"
             echo '\if :seq % 64 = 0'
             local values="(':run-:cid-4000-8000-:s', 'psp_:s', :now_ms)"
             for k in $(seq 1 63); do
                 echo "\\set k$k :s - $k"
                 values="$values, (':run-:cid-4000-8000-:k$k', 'psp_:k$k', :now_ms)"
             done
-            echo "BEGIN \\; SET LOCAL synchronous_commit TO off \\; UPDATE payments p SET status = 'succeeded', processor_ref = coalesce(v.ref, p.processor_ref), updated_at = 'epoch'::timestamptz + v.at * interval '1 millisecond' FROM (VALUES $values) v(id, ref, at) WHERE p.payment_id = v.id::uuid AND p.status = 'pending' \\; COMMIT;"
+            echo "${sc}UPDATE payments p SET status = 'succeeded', processor_ref = coalesce(v.ref, p.processor_ref), updated_at = 'epoch'::timestamptz + v.at * interval '1 millisecond' FROM (VALUES $values) v(id, ref, at) WHERE p.payment_id = v.id::uuid AND p.status = 'pending'${ec};"
             echo '\endif'
         fi
     } >"$file"
 }
 # What the daemon sends now (coordinator/db/store_pg.c, store_pg_batch.c, with
-# sql/003_derived_status.sql): 3 round trips and 2 synchronous WAL flushes of
-# its own (PREPARE TRANSACTION, the processor_ref UPDATE) plus COMMIT PREPARED's,
-# and one asynchronous batched UPDATE per 64 payments.
-daemonsql_script "$work/pgb-d-daemonsql.sql" pgbd async sync yes
+# sql/003_derived_status.sql): phase 1 and COMMIT PREPARED (2 synchronous WAL
+# flushes), and one synchronous batched UPDATE per 64 payments (the daemon's
+# batches are self-clocking: their size follows the load).
+daemonsql_script "$work/pgb-d-daemonsql.sql" pgbd async none sync
 # Variants (BENCH_SCENARIOS=sqlvariants), each differing from it by its name:
-daemonsql_script "$work/pgb-d-refasync.sql" pgbe async async yes   # the ref UPDATE without its flush
-daemonsql_script "$work/pgb-d-noref.sql" pgbf async none yes       # no ref UPDATE: the batch carries the ref
-daemonsql_script "$work/pgb-d-noref-nobatch.sql" pgbg async none no  # neither: the row keeps 'pending', derived status says 'succeeded'
-daemonsql_script "$work/pgb-d-onetx.sql" pgbh inside none yes      # and the intent inside the prepared transaction
+daemonsql_script "$work/pgb-d-refsync.sql" pgbe async sync async   # before: a synchronous processor_ref UPDATE per payment, the batch asynchronous
+daemonsql_script "$work/pgb-d-note.sql" pgbf async note async      # an asynchronous note before COMMIT PREPARED, the batch asynchronous
+daemonsql_script "$work/pgb-d-batchasync.sql" pgbi async none async  # the batch asynchronous (a crash could lose a told processor_ref)
+daemonsql_script "$work/pgb-d-nobatch.sql" pgbg async none no      # no row write after the commit (derived status only)
+daemonsql_script "$work/pgb-d-onetx.sql" pgbh inside none sync     # the intent inside the prepared transaction
 # Dropped since sql/003_derived_status.sql: "nostatus" (no status UPDATE in the
 # prepared transaction) is what pc_pay_debit2 does now, so it is daemonsql;
-# "refeach" (a processor_ref transaction per payment) is what
-# store_save_processor_ref does now, so it is daemonsql too.
+# "refeach" (a processor_ref transaction per payment) is refsync.
 chmod 644 "$work"/pgb-*.sql
 
 sys_jiffies() { awk '/^cpu /{t=0; for(i=2;i<=9;i++) t+=$i; print t-$5-$6, t}' /proc/stat; }
@@ -595,9 +602,10 @@ if want sqlvariants; then
             say "round $r/$rounds, concurrency $c: the daemon's SQL, priced part by part (pgbench)"
             pgbench_run "sqlv-2pc-c$c-r$r" "$work/pgb-2pc.sql" "$c"
             pgbench_run "sqlv-daemonsql-c$c-r$r" "$work/pgb-d-daemonsql.sql" "$c"
-            pgbench_run "sqlv-refasync-c$c-r$r" "$work/pgb-d-refasync.sql" "$c"
-            pgbench_run "sqlv-noref-c$c-r$r" "$work/pgb-d-noref.sql" "$c"
-            pgbench_run "sqlv-noref-nobatch-c$c-r$r" "$work/pgb-d-noref-nobatch.sql" "$c"
+            pgbench_run "sqlv-refsync-c$c-r$r" "$work/pgb-d-refsync.sql" "$c"
+            pgbench_run "sqlv-note-c$c-r$r" "$work/pgb-d-note.sql" "$c"
+            pgbench_run "sqlv-batchasync-c$c-r$r" "$work/pgb-d-batchasync.sql" "$c"
+            pgbench_run "sqlv-nobatch-c$c-r$r" "$work/pgb-d-nobatch.sql" "$c"
             pgbench_run "sqlv-onetx-c$c-r$r" "$work/pgb-d-onetx.sql" "$c"
             pgbench_run "sqlv-daemonsql-nopartial-c$c-r$r" "$work/pgb-d-daemonsql.sql" "$c" paycoord_nopartial
             pgbench_run "sqlv-daemonsql-ff80-c$c-r$r" "$work/pgb-d-daemonsql.sql" "$c" paycoord_ff80

@@ -136,6 +136,15 @@ rst *rst_of(const char *gid)
     return NULL;
 }
 
+/* What a client is told from a row (store.h, "Statuses"): a committed
+ * debit whose row still says pending reads pending. */
+const char *read_status(const prow *r)
+{
+    if (debited(r->payment_id) && !strcmp(r->status, "pending"))
+        return "pending";
+    return derived(r);
+}
+
 const char *derived(const prow *r)
 {
     if (debited(r->payment_id))
@@ -246,15 +255,6 @@ static void run_phase1(call *c)
 
 static void run_finish(call *c)
 {
-    if (c->b1 && c->b2) {              /* the commit note, committed asynchronously first */
-        prow *r = row_by_id(c->s2);
-        if (r && !strcmp(r->status, "pending")) {
-            if (c->s3[0])
-                CPY(r->processor_ref, c->s3);
-            r->updated_ms = c->n1;
-            dirty = true;
-        }
-    }
     xact *x = xact_of(c->s1);
     if (!x) {
         c->p2 = P2_GONE;
@@ -370,8 +370,9 @@ void sim_db_run(call *c)
             if (c->s2[0])
                 CPY(r->processor_ref, c->s2);
             r->updated_ms = c->n1;
-            dirty = true;          /* asynchronous */
         }
+        dirty = true;
+        flush();                   /* synchronous: the success is told after it */
         break;
     }
     case K_FLAG:
@@ -401,10 +402,13 @@ void sim_db_run(call *c)
     case K_BY_ID: {
         prow *r = c->k == K_BY_KEY ? row_by_key(c->s1) : row_by_id(c->s1);
         c->r_b = r != NULL;
-        if (r)
+        if (r) {
             c->r_i = (int)(r - cur.p);
-        if (r && !strcmp(derived(r), "pending"))
-            flush();                   /* the reader's xid: its commit flushes the WAL */
+            c->row = *r;               /* what the statement read */
+            CPY(c->row.status, read_status(r));
+        }
+        if (r && !strcmp(read_status(r), "pending"))
+            flush();                   /* the reader's logical message: its commit flushes the WAL */
         break;
     }
     case K_BALANCE: {

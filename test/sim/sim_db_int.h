@@ -90,7 +90,8 @@ typedef struct call {
     /* parameters */
     char s1[72], s2[72], s3[72], s4[72];
     int64_t n1, n2;
-    bool b1, b2;
+    bool b1;
+    prow row;                         /* a read's row, as the statement saw it */
     store_pay pay;
     char pay_strs[7][72];
     /* results (filled when it runs) */
@@ -118,6 +119,7 @@ xact *xact_of(const char *gid);
 rst *rst_of(const char *gid);
 bool debited(const char *payment_id);
 const char *derived(const prow *r);
+const char *read_status(const prow *r);
 
 /* Run c's statements at the server (its effects, its results in c). */
 void sim_db_run(call *c);

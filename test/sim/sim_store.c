@@ -237,15 +237,14 @@ static void deliver_answer(call *c)
         store_lookup r = { .st = st, .errmsg = "" };
         static char created[32], updated[32];
         if (st == ST_OK && c->r_b) {
-            /* read it now: the row as it stands when the answer arrives */
-            const prow *p = c->k == K_BY_KEY ? row_by_key(c->s1) : row_by_id(c->s1);
+            const prow *p = c->r_b ? &c->row : NULL;
             if (p) {
                 r.found = true;
                 snprintf(created, sizeof(created), "%lld", (long long)p->created_ms);
                 snprintf(updated, sizeof(updated), "%lld", (long long)p->updated_ms);
                 r.row = (store_payment_row){ .payment_id = p->payment_id, .key = p->key, .gid = p->gid,
                                              .account = p->account, .currency = p->currency,
-                                             .status = derived(p),
+                                             .status = p->status,
                                              .processor_ref = p->processor_ref[0] ? p->processor_ref : NULL,
                                              .decline_code = p->decline_code[0] ? p->decline_code : NULL,
                                              .created_at = created, .updated_at = updated, .amount = p->amount };
@@ -472,19 +471,12 @@ int store_get_facts(store_chan ch, const char *payment_id, const char *gid, cons
     return submit(c);
 }
 
-int store_finish(store_chan ch, const char *gid, bool commit, const store_commit_note *note,
-                 void (*cb)(const store_p2 *, void *), void *arg)
+int store_finish(store_chan ch, const char *gid, bool commit, void (*cb)(const store_p2 *, void *), void *arg)
 {
     (void)ch;
     call *c = new_call(K_FINISH, FN(cb), arg);
     CPY(c->s1, gid);
     c->b1 = commit;
-    if (commit && note) {
-        c->b2 = true;
-        CPY(c->s2, note->payment_id);
-        CPY(c->s3, note->processor_ref ? note->processor_ref : "");
-        c->n1 = note->updated_ms;
-    }
     return submit(c);
 }
 
