@@ -240,7 +240,7 @@ static void apply_credits_of(const char *account, int *n)
 typedef enum {
     K_PHASE1, K_FACTS, K_FINISH, K_SETTLE, K_RECORD, K_FLAG, K_NOTE, K_FORGET, K_REF, K_BY_KEY, K_BY_ID,
     K_BALANCE, K_OPEN, K_CREDIT, K_CREDIT_BY_KEY, K_APPLY, K_APPLY_ALL, K_MAXPREP, K_COUNT, K_LOCK, K_UNLOCK,
-    K_ALIVE, K_LIST, K_MARK, K_PLIST, K_RBEGIN, K_REND
+    K_ALIVE, K_LIST, K_MARK, K_PLIST, K_RBEGIN, K_REND, K_LOCKCHK, K_HOLDER, K_EVICT, K_REPL
 } kind;
 
 typedef enum { F_OK = 0, F_LOST_BEFORE, F_LOST_AFTER, F_ZOMBIE, F_PARTIAL } fate;
@@ -362,7 +362,7 @@ static int submit(call *c)
         return STORE_UNAVAILABLE;
     }
     in_flight++;
-    bool lossy = c->k != K_LOCK && c->k != K_UNLOCK;
+    bool lossy = c->k != K_LOCK && c->k != K_UNLOCK && c->k != K_LOCKCHK;
     if (lossy && sim_chance(faults.lost_before))
         c->fate = F_LOST_BEFORE;
     else if (lossy && sim_chance(faults.lost_after))
@@ -690,6 +690,18 @@ static void run_call(call *c)
         break;
     case K_LOCK:
         c->r_b = true;                 /* one node in the model: its lock is free */
+        c->r_i = 1;                    /* the lock session's backend */
+        break;
+    case K_LOCKCHK:
+        c->r_b = true;                 /* held by the lock session's own backend (no pooler) */
+        c->r_i = 1;
+        break;
+    case K_HOLDER:
+        c->r_i = 2;                    /* another connection's backend */
+        c->r_l = 1;                    /* the holder: the lock session's */
+        break;
+    case K_EVICT:
+    case K_REPL:
         break;
     case K_UNLOCK:
         break;
@@ -906,9 +918,32 @@ static void deliver_answer(call *c)
         CB(void (*)(st_status, int, double, void *), c)(st, c->r_i, 0.0, c->arg);
         break;
     case K_LOCK:
+        CB(void (*)(st_status, bool, int, void *), c)(st, c->r_b, c->r_i, c->arg);
+        break;
     case K_ALIVE:
         CB(void (*)(st_status, bool, void *), c)(st, c->r_b, c->arg);
         break;
+    case K_LOCKCHK:
+        CB(void (*)(st_status, int, bool, void *), c)(st, c->r_i, c->r_b, c->arg);
+        break;
+    case K_HOLDER:
+        CB(void (*)(st_status, int, int, void *), c)(st, c->r_i, (int)c->r_l, c->arg);
+        break;
+    case K_EVICT:
+        break;
+    case K_REPL: {
+        /* The model's primary has a standby only in the seeds that fail over
+         * to an asynchronous one, from its snapshot to the failover. */
+        store_replication f = { .st = st, .errmsg = "", .sync_names = "", .sync_commit = "on",
+                                .standby_list = "" };
+        if (st == ST_OK && have_standby) {
+            f.standbys = 1;
+            f.sync_standbys = 0;
+            f.standby_list = "standby:streaming:async";
+        }
+        CB(void (*)(const store_replication *, void *), c)(&f, c->arg);
+        break;
+    }
     case K_LIST: {
         store_rec_list l = { .st = st, .errmsg = "" };
         store_rec_item items[MAXX + MAXP];
@@ -1212,11 +1247,40 @@ int store_prepared_count(const char *node, void (*cb)(st_status st, int count, d
     return submit(new_call(K_COUNT, FN(cb), arg));
 }
 
-int store_node_lock(const char *node, void (*cb)(st_status st, bool got, void *), void *arg)
+int store_node_lock(const char *node, void (*cb)(st_status st, bool got, int pid, void *), void *arg)
 {
     call *c = new_call(K_LOCK, FN(cb), arg);
     CPY(c->s1, node);
     return submit(c);
+}
+
+int store_node_lock_check(const char *node, void (*cb)(st_status st, int my_pid, bool held_by_me, void *), void *arg)
+{
+    call *c = new_call(K_LOCKCHK, FN(cb), arg);
+    CPY(c->s1, node);
+    return submit(c);
+}
+
+int store_node_lock_holder(store_chan ch, const char *node,
+                           void (*cb)(st_status st, int my_pid, int holder_pid, void *), void *arg)
+{
+    (void)ch;
+    call *c = new_call(K_HOLDER, FN(cb), arg);
+    CPY(c->s1, node);
+    return submit(c);
+}
+
+void store_node_lock_evict(const char *node, int holder_pid)
+{
+    call *c = new_call(K_EVICT, NULL, NULL);
+    CPY(c->s1, node);
+    c->n1 = holder_pid;
+    (void)submit(c);
+}
+
+int store_replication_facts(void (*cb)(const store_replication *, void *), void *arg)
+{
+    return submit(new_call(K_REPL, FN(cb), arg));
 }
 
 int store_node_unlock(const char *node)
@@ -1330,6 +1394,7 @@ void sim_db_failover(int64_t down_us)
 {
     if (have_standby)
         flushed = standby;
+    have_standby = false;              /* the promoted standby has none of its own */
     sim_db_crash(down_us);
 }
 
