@@ -7,12 +7,16 @@
 #include "nodelock.h"
 #include "store.h"
 
+#include <stdint.h>
 #include <stdio.h>
 #include <string.h>
 
 static repl_state state;
 static int standbys = -1, sync_standbys = -1;
 static bool checking;
+/* Bumped when the node lock is lost: a check answered by the server we had
+ * before (maybe the old primary) says nothing about the next one. */
+static uintptr_t gen;
 static loop_timer timer;
 static char refusal[256];
 
@@ -66,7 +70,8 @@ static repl_state classify(const store_replication *f)
 
 static void facts_cb(const store_replication *f, void *arg)
 {
-    (void)arg;
+    if ((uintptr_t)arg != gen)
+        return;                      /* stale: see gen */
     checking = false;
     if (f->st == ST_SHUTDOWN)
         return;
@@ -126,7 +131,7 @@ void dbsafety_check(void)
 {
     if (checking)
         return;
-    if (store_replication_facts(facts_cb, NULL) == STORE_QUEUED)
+    if (store_replication_facts(facts_cb, (void *)gen) == STORE_QUEUED)
         checking = true;
 }
 
@@ -137,11 +142,24 @@ static void timer_cb(void *arg)
     loop_timer_start(&timer, D->cfg.db_safety_check_interval_ms);
 }
 
-/* The node lock was just taken: maybe on a new primary after a failover. */
+/* The node lock was just taken: maybe on a new primary after a failover.
+ * Lost: whatever the last check said was about that server; until the next
+ * one is checked the state is unknown (require_synchronous_standby refuses). */
 static void lock_cb(bool locked)
 {
-    if (locked)
+    if (locked) {
         dbsafety_check();
+        return;
+    }
+    gen++;
+    checking = false;
+    if (state != REPL_UNKNOWN) {
+        state = REPL_UNKNOWN;
+        standbys = sync_standbys = -1;
+        snprintf(refusal, sizeof(refusal), "the database's replication is being checked again after the node lock "
+                 "was lost (require_synchronous_standby = true); nothing was charged");
+        ctx_readiness_changed();
+    }
 }
 
 int dbsafety_init(void)

@@ -135,9 +135,13 @@ static void holder_cb(st_status st, int my_pid, int holder, void *arg)
         return;
     }
     if (holder == 0 || holder != holder_pid || my_pid == holder) {
-        char why[160];
-        snprintf(why, sizeof(why), "seen from another connection (backend %d), the lock is held by backend %d, "
-                 "not by the lock session's backend %d", my_pid, holder, holder_pid);
+        char why[200];
+        if (my_pid == holder)
+            snprintf(why, sizeof(why), "a statement of another connection ran on backend %d, which holds the lock "
+                     "taken by the lock session", holder);
+        else
+            snprintf(why, sizeof(why), "seen from another connection, the lock is held by backend %d, not by the "
+                     "lock session's backend %d", holder, holder_pid);
         pooled(why, my_pid == holder ? holder : 0);
         return;
     }

@@ -203,6 +203,7 @@ PC_MUSTCHECK static bool conn_lost(pconn *c)
              pgpool_conn_state_name(c->state), q ? (unsigned long long)q->id : 0ULL, why);
     p->st.disconnects++;
     c->q = NULL;
+    pgpool_conn_host_lost(c);
     pgpool_conn_close(c);
     c->failures = 0;
     pgpool_conn_schedule_reconnect(c);

@@ -12,6 +12,14 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* With a multi-host conninfo, the host (and port) that attempts list first,
+ * any pool's: the one that last took a connection, or, once a connection to
+ * it broke, the next one in the list (a standby that refuses a read-write
+ * session costs one quick round trip; a host that vanished would cost every
+ * attempt its tcp_user_timeout). After a failover the first connection that
+ * reaches the new primary makes every later attempt go there directly. */
+static char first_host[256], first_port[32];
+
 static const char *const conn_state_names[CONN_NSTATES] = {
     [CONN_WAITING] = "waiting",
     [CONN_CONNECTING] = "connecting",
@@ -174,9 +182,80 @@ static void conn_notice(void *arg, const PGresult *res)
                   sev ? sev : "", code ? code : "", buf);
 }
 
+/* Host i of the lists: its name (or address) and port (NULL: the default). */
+static void host_of(const pgpool_connector *cx, int i, const char **h, const char **p)
+{
+    const int nh = cx->list_n[PGPOOL_L_HOST], na = cx->list_n[PGPOOL_L_HOSTADDR], np = cx->list_n[PGPOOL_L_PORT];
+    /* PQhost() answers the host name when one is given, else the address. */
+    *h = nh == cx->nhosts ? cx->list_item[PGPOOL_L_HOST][i] : na == cx->nhosts ? cx->list_item[PGPOOL_L_HOSTADDR][i]
+                                                                               : NULL;
+    *p = np == cx->nhosts ? cx->list_item[PGPOOL_L_PORT][i] : np == 1 ? cx->list_item[PGPOOL_L_PORT][0] : NULL;
+}
+
+/* Which host of the lists comes first (-1: none known, or no lists). */
+static int first_index(const pgpool_connector *cx)
+{
+    if (!first_host[0] || cx->nhosts < 2)
+        return -1;
+    for (int i = 0; i < cx->nhosts; i++) {
+        const char *h, *p;
+        host_of(cx, i, &h, &p);
+        if (h && !strcmp(h, first_host) && (!p || !strcmp(p, first_port)))
+            return i;
+    }
+    return -1;
+}
+
+void pgpool_conn_host_lost(const pconn *c)
+{
+    const pgpool_connector *cx = c->cx;
+    int i = first_index(cx);
+    const char *h = c->pg ? PQhost(c->pg) : NULL, *p = c->pg ? PQport(c->pg) : NULL;
+    if (i < 0 || !h || !p || strcmp(h, first_host) != 0 || strcmp(p, first_port) != 0)
+        return;
+    const char *nh, *np;
+    host_of(cx, (i + 1) % cx->nhosts, &nh, &np);
+    if (!nh)
+        return;
+    snprintf(first_host, sizeof(first_host), "%s", nh);
+    snprintf(first_port, sizeof(first_port), "%s", np ? np : p);
+}
+
+/* The conninfo's lists rotated to start at host k, into the slot's buffers
+ * and cx->val (restored by the caller). False: leave them as they are. */
+static bool rotate_lists(pconn *c, int k, const char *saved[PGPOOL_NLISTS])
+{
+    pgpool_connector *cx = c->cx;
+    for (int l = 0; l < PGPOOL_NLISTS; l++) {
+        int n = cx->list_n[l];
+        saved[l] = NULL;
+        if (cx->list_idx[l] < 0 || n != cx->nhosts)
+            continue;            /* absent, or one value for every host */
+        size_t used = 0;
+        c->lists[l][0] = '\0';
+        for (int j = 0; j < n; j++) {
+            int w = snprintf(c->lists[l] + used, sizeof(c->lists[l]) - used, "%s%s", j ? "," : "",
+                             cx->list_item[l][(k + j) % n]);
+            if (w < 0 || (size_t)w >= sizeof(c->lists[l]) - used) {
+                for (int r = 0; r < l; r++)         /* too long: no rotation at all */
+                    if (saved[r])
+                        cx->val[cx->list_idx[r]] = saved[r];
+                return false;
+            }
+            used += (size_t)w;
+        }
+        saved[l] = cx->val[cx->list_idx[l]];
+        cx->val[cx->list_idx[l]] = c->lists[l];
+    }
+    return true;
+}
+
 void pgpool_conn_start(pconn *c)
 {
     pgpool_connector *cx = c->cx;
+    const char *saved[PGPOOL_NLISTS] = { NULL, NULL, NULL };
+    int k = first_index(cx);
+    bool rotated = k > 0 && rotate_lists(c, k, saved);
     /* libpq tries the hosts of a multi-host conninfo in turn within one
      * attempt (a dead host over TCP fails after tcp_user_timeout), so each
      * host gets the connect timeout. */
@@ -191,6 +270,9 @@ void pgpool_conn_start(pconn *c)
     c->pg = PQconnectStartParams(cx->kw, cx->val, 0);
     if (cx->app_idx >= 0)
         cx->val[cx->app_idx] = NULL;
+    for (int l = 0; rotated && l < PGPOOL_NLISTS; l++)
+        if (saved[l])
+            cx->val[cx->list_idx[l]] = saved[l];
     if (!c->pg) {
         pgpool_conn_attempt_failed(c, "out of memory");
         return;
@@ -238,6 +320,10 @@ bool pgpool_conn_setup_ok(pconn *c)
         return false;
     }
     evtimer_del(c->timer);
+    if (c->cx->nhosts > 1) {
+        snprintf(first_host, sizeof(first_host), "%s", PQhost(c->pg) ? PQhost(c->pg) : "");
+        snprintf(first_port, sizeof(first_port), "%s", PQport(c->pg) ? PQport(c->pg) : "");
+    }
     if (c->ever_up)
         c->cx->reconnects++;
     c->ever_up = true;
@@ -289,6 +375,17 @@ static void conn_timer_cb(evutil_socket_t fd, short what, void *arg)
 
 void pgpool_conn_wake(pconn *c)
 {
+    if (c->state == CONN_CONNECTING && first_host[0] && c->pg) {
+        const char *h = PQhost(c->pg), *p = PQport(c->pg);
+        if (h && p && (strcmp(h, first_host) != 0 || strcmp(p, first_port) != 0)) {
+            log_info("pgpool event=reconnect_now conn=%d was_trying=%s:%s now_first=%s:%s", c->id, h, p, first_host,
+                     first_port);
+            pgpool_conn_close(c);
+            pgpool_conn_set_state(c, CONN_WAITING);
+            pgpool_conn_start(c);
+        }
+        return;
+    }
     if (c->state != CONN_WAITING)
         return;
     evtimer_del(c->timer);
@@ -320,6 +417,29 @@ static int count_list(const char *v)
     return n;
 }
 
+/* Keep the items of a comma-separated list (host, hostaddr, port). */
+static bool split_list(pgpool_connector *cx, int l, int idx, const char *v)
+{
+    cx->list_idx[l] = idx;
+    cx->list_n[l] = 0;
+    while (cx->list_n[l] < PGPOOL_MAX_HOSTS) {
+        const char *end = strchr(v, ',');
+        size_t len = end ? (size_t)(end - v) : strlen(v);
+        char *item = strndup(v, len);
+        if (!item)
+            return false;
+        cx->list_item[l][cx->list_n[l]++] = item;
+        if (!end)
+            return true;
+        v = end + 1;
+    }
+    /* More hosts than we rotate over: leave the list alone. */
+    for (int i = 0; i < cx->list_n[l]; i++)
+        free(cx->list_item[l][i]);
+    cx->list_n[l] = 0;
+    return true;
+}
+
 bool pgpool_conn_params(pgpool_connector *cx, const char *conninfo, const pgpool_tcp *tcp)
 {
     static const char *const tcp_kw[4] = { "keepalives_idle", "keepalives_interval", "keepalives_count",
@@ -334,6 +454,10 @@ bool pgpool_conn_params(pgpool_connector *cx, const char *conninfo, const pgpool
     int n = 0;
 
     cx->nhosts = 1;
+    for (int l = 0; l < PGPOOL_NLISTS; l++) {
+        cx->list_idx[l] = -1;
+        cx->list_n[l] = 0;
+    }
     PQconninfoOption *opts = PQconninfoParse(conninfo ? conninfo : "", &err);
     if (!opts) {
         log_error("pgpool event=bad_conninfo error=\"%s\"",
@@ -362,6 +486,10 @@ bool pgpool_conn_params(pgpool_connector *cx, const char *conninfo, const pgpool
         if (cx->app_name && strcmp(o->keyword, "application_name") == 0)
             continue;    /* the fence token takes its place */
         if (!kw_add(cx, &n, o->keyword, o->val))
+            goto oom;
+        int l = !strcmp(o->keyword, "host") ? PGPOOL_L_HOST : !strcmp(o->keyword, "hostaddr") ? PGPOOL_L_HOSTADDR
+                : !strcmp(o->keyword, "port") ? PGPOOL_L_PORT : -1;
+        if (l >= 0 && !split_list(cx, l, n - 1, o->val))
             goto oom;
     }
     /* Keepalives and tcp_user_timeout, so that a host that died without
@@ -415,6 +543,11 @@ void pgpool_conn_params_free(pgpool_connector *cx)
             if (i != cx->app_idx)
                 free((char *)cx->val[i]);
         }
+    }
+    for (int l = 0; l < PGPOOL_NLISTS; l++) {
+        for (int i = 0; i < cx->list_n[l]; i++)
+            free(cx->list_item[l][i]);
+        cx->list_n[l] = 0;
     }
     free(cx->app_name);
     free(cx->setup_sql);

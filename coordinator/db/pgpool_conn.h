@@ -29,6 +29,11 @@
 #include <event2/util.h>
 #include <libpq-fe.h>
 
+#define PGPOOL_MAX_HOSTS 16      /* hosts of a multi-host conninfo that attempts are rotated over */
+#define PGPOOL_LIST_LEN 1024     /* longest host, hostaddr or port list rotated */
+
+enum { PGPOOL_L_HOST, PGPOOL_L_HOSTADDR, PGPOOL_L_PORT, PGPOOL_NLISTS };
+
 struct event;
 struct event_base;
 struct pgpool;
@@ -53,6 +58,12 @@ typedef struct pgpool_connector {
     char *app_name;         /* the prefix of fence tokens (NULL: none); owned */
     int connect_timeout_ms; /* per attempt and host (a multi-host conninfo gets this per host) */
     int nhosts;             /* hosts in the conninfo (>= 1) */
+    /* A multi-host conninfo: the kw/val index of its host, hostaddr and port
+     * lists (-1: absent) and their items; each attempt lists the host that
+     * last took a connection first (pgpool_conn_start). */
+    int list_idx[PGPOOL_NLISTS];
+    int list_n[PGPOOL_NLISTS];
+    char *list_item[PGPOOL_NLISTS][PGPOOL_MAX_HOSTS];   /* owned */
     char *setup_sql;        /* the SETUP statement; owned */
     int reconnect_min_ms;   /* backoff start */
     int reconnect_max_ms;   /* backoff cap */
@@ -88,6 +99,7 @@ typedef struct pconn {
     double attempt_ms;      /* when the current connect attempt started */
     double busy_since_ms;   /* when the running query was handed to libpq */
     char fence[96];         /* application_name of the current session ("" before any) */
+    char lists[PGPOOL_NLISTS][PGPOOL_LIST_LEN];    /* this attempt's rotated host lists */
 } pconn;
 
 /* TCP settings added to the conninfo unless it sets them (0: leave libpq's). */
@@ -120,8 +132,14 @@ bool pgpool_conn_step(pconn *c) PC_MUSTCHECK;
 bool pgpool_conn_setup_ok(pconn *c) PC_MUSTCHECK;
 /* A connect attempt (CONNECTING or SETUP) failed: close, count, WAITING. */
 void pgpool_conn_attempt_failed(pconn *c, const char *why);
-/* A WAITING slot starts its next attempt now instead of after its backoff. */
+/* A WAITING slot starts its next attempt now instead of after its backoff;
+ * a CONNECTING one that is trying another host than the one that last took
+ * a connection (a dead one, maybe: a SYN to a vanished host waits out
+ * tcp_user_timeout) starts again with that host first. */
 void pgpool_conn_wake(pconn *c);
+/* An established connection broke: if its host was the one attempts list
+ * first, the next host of the conninfo is listed first from now on. */
+void pgpool_conn_host_lost(const pconn *c);
 /* Drop the PGconn, its socket event and its results; the state is unchanged. */
 void pgpool_conn_close(pconn *c);
 /* After pgpool_conn_close(): WAITING, reconnect after the backoff delay. */

@@ -134,13 +134,24 @@ int store_node_lock_holder(store_chan ch, const char *node,
                       1, params, holder_cb, spg_call_new((store_any_fn)cb, arg));
 }
 
+static void evict_cb(const pgpool_reply *r, void *arg)
+{
+    (void)arg;
+    /* Under transaction pooling the statement may run on the very backend
+     * it ends (57P01): that is the eviction too. */
+    if (r->status != PGQ_OK && r->status != PGQ_SHUTDOWN && strcmp(r->sqlstate, "57P01") != 0 && !spg_closing())
+        log_warn("store event=node_lock_evict_failed error=\"%s\"", r->errmsg);
+}
+
 void store_node_lock_evict(const char *node, int holder_pid)
 {
     char pid[16];
     snprintf(pid, sizeof(pid), "%d", holder_pid);
     const char *params[2] = { node, pid };
-    spg_forget(CH_REC, "node_lock_evict",
-               "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE " LOCK_MATCH " AND pid = $2::integer", 2, params);
+    if (pgpool_query_params(spg_pool(CH_REC),
+                            "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE " LOCK_MATCH " AND pid = $2::integer",
+                            2, params, evict_cb, NULL) != PGPOOL_QUEUED)
+        log_warn("store event=node_lock_evict_failed error=\"not sent\"");
 }
 
 /* ---------------------------------------------------------------- replication safety */
@@ -172,16 +183,19 @@ int store_replication_facts(void (*cb)(const store_replication *, void *), void 
 {
     /* pg_stat_replication shows every walsender to anyone, but its state
      * columns only to roles with pg_read_all_stats (pg_monitor): without,
-     * sync_state is NULL and sync_standbys comes back NULL. */
+     * sync_state is NULL and sync_standbys comes back NULL. A base backup's
+     * walsenders (pg_basebackup) are not standbys. */
     static const char sql[] =
+        "WITH s AS (SELECT * FROM pg_stat_replication WHERE coalesce(state, '') <> 'backup' "
+        "             AND application_name IS DISTINCT FROM 'pg_basebackup') "
         "SELECT pg_is_in_recovery(), current_setting('synchronous_standby_names'), "
         "       current_setting('synchronous_commit'), "
-        "       (SELECT count(*) FROM pg_stat_replication), "
+        "       (SELECT count(*) FROM s), "
         "       (SELECT CASE WHEN count(*) > 0 AND count(sync_state) = 0 THEN NULL "
-        "               ELSE count(*) FILTER (WHERE sync_state IN ('sync', 'quorum')) END FROM pg_stat_replication), "
+        "               ELSE count(*) FILTER (WHERE sync_state IN ('sync', 'quorum')) END FROM s), "
         "       coalesce((SELECT string_agg(coalesce(nullif(application_name, ''), '?') || ':' || "
         "                  coalesce(state, '?') || ':' || coalesce(sync_state, '?'), ',' ORDER BY application_name) "
-        "                  FROM pg_stat_replication), '')";
+        "                  FROM s), '')";
     return spg_query(CH_REC, sql, replication_cb, spg_call_new((store_any_fn)cb, arg));
 }
 
