@@ -49,3 +49,20 @@ def test_dead_host_over_tcp_noticed_within_seconds(capsys):
 def test_without_keepalives_the_dead_host_is_not_noticed(capsys):
     res = run(capsys, "--no-keepalives")
     assert res["answered_within_15s"] is False, res
+
+
+def test_tcp_user_timeout_must_stay_below_the_connect_timeout(tmp_path):
+    """Otherwise a dead first host of a multi-host conninfo would use up the
+    whole attempt and the next host would never be tried."""
+    from harness import PAYCOORD_BIN
+    token = tmp_path / "token"
+    token.write_text("t\n")
+    token.chmod(0o600)
+    conf = tmp_path / "paycoord.conf"
+    base = f"processor_token_file = {token}\nallow_root = true\n"
+    conf.write_text(base + "db_connect_timeout_ms = 3000\ndb_tcp_user_timeout_ms = 3000\n")
+    r = subprocess.run([PAYCOORD_BIN, "--config", str(conf), "--check-config"], capture_output=True, text=True)
+    assert r.returncode == 1 and "db_tcp_user_timeout_ms: must be below db_connect_timeout_ms" in r.stderr, r.stderr
+    conf.write_text(base + "db_connect_timeout_ms = 3000\ndb_tcp_user_timeout_ms = 2000\n")
+    r = subprocess.run([PAYCOORD_BIN, "--config", str(conf), "--check-config"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
