@@ -106,7 +106,9 @@ void pgpool_wake(pgpool *p);
  * lock_timeout are set by a statement right after the connection is made,
  * before it takes queries (not as startup options, which pgbouncer refuses).
  * With a multi-host conninfo (host=a,b; libpq tries them in turn, e.g. with
- * target_session_attrs=read-write) connect_timeout_ms applies per host.
+ * target_session_attrs=read-write) connect_timeout_ms applies per host, and
+ * each attempt lists first the host that last took a connection (any pool's),
+ * or the next one once a connection to it broke (pgpool_conn.c).
  * conninfo is copied; the caller may free it after pgpool_new(). sql and
  * parameter values are copied too.
  *
