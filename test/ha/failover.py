@@ -28,6 +28,7 @@ import datetime
 import os
 import random
 import re
+import shutil
 import statistics
 import sys
 import tempfile
@@ -462,11 +463,15 @@ def main():
             rig.round(seed, kinds[random.Random(seed).randrange(len(kinds))])
         print(f"failover soak: {args.rounds} rounds passed; {summarize(rig.figures)}; "
               f"{len(rig.answers)} final answers checked", flush=True)
+        ok = True
     except BaseException:
-        print(f"failover soak: FAILED; daemon log: {rig.daemon.log if rig.daemon else '-'}", flush=True)
+        ok = False
+        print(f"failover soak: FAILED; daemon log kept: {rig.daemon.log if rig.daemon else '-'}", flush=True)
         raise
     finally:
         rig.stop()
+        if ok:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

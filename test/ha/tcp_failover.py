@@ -22,6 +22,7 @@ import json
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -164,6 +165,8 @@ def main():
     finally:
         print(json.dumps(result), flush=True)
         rig.stop()
+        if result.get("ok"):
+            shutil.rmtree(workdir, ignore_errors=True)
         subprocess.run(f"nft delete table inet {NFT_TABLE}", shell=True, stderr=subprocess.DEVNULL)
 
 
