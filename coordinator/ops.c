@@ -7,6 +7,7 @@
 #include "admin.h"
 #include "circuit.h"
 #include "ctx.h"
+#include "dbsafety.h"
 #include "nodelock.h"
 #include "payment.h"
 #include "reads.h"
@@ -26,7 +27,7 @@ static void op_ping(pc_request *r)
 bool ops_ready(void)
 {
     return store_is_up() && !store_is_stuck(NULL) && D->max_prepared_server > 0 && rec_node_locked() &&
-           rec_first_pass_done() && !D->shutting_down;
+           rec_first_pass_done() && dbsafety_payments_allowed(NULL) && !D->shutting_down;
 }
 
 static void op_health(pc_request *r)
@@ -42,6 +43,7 @@ static void op_health(pc_request *r)
     cJSON_AddStringToObject(o, "processor", circuit_processor_state());
     cJSON_AddNumberToObject(o, "prepared", pay_prepared() + rec_orphans());
     cJSON_AddNumberToObject(o, "max_prepared", D->max_prepared_server);
+    dbsafety_health(o);
     req_reply_ok(r, o);
 }
 

@@ -9,6 +9,7 @@
 #include "access.h"
 #include "circuit.h"
 #include "ctx.h"
+#include "dbsafety.h"
 #include "loop.h"
 #include "nodelock.h"
 #include "payment.h"
@@ -46,6 +47,13 @@ static double v_lock(void) { return rec_node_locked(); }
 static double v_running(void) { return rec_busy(); }
 static double v_db_up(void) { return store_is_up(); }
 static double v_db_stuck(void) { return store_is_stuck(NULL); }
+static double v_repl_unsafe(void)
+{
+    return dbsafety_state() == REPL_ASYNCHRONOUS || dbsafety_state() == REPL_READ_ONLY;
+}
+static double v_standbys(void) { return dbsafety_standbys(); }
+static double v_sync_standbys(void) { return dbsafety_sync_standbys(); }
+static double v_pooled(void) { return nodelock_get_state() == NODELOCK_POOLED; }
 static double v_uptime(void) { return (double)(loop_now_ms() - D->started_ms); }
 
 static store_pool_stats pool_of(store_chan ch)
@@ -120,6 +128,16 @@ static const stat_def defs[] = {
     { "recovery_pool.busy", false, "paycoord_recovery_pool_connections", "state=\"busy\"", "gauge", NULL,
       F(v_rpool_busy) },
     { NULL, false, "paycoord_database_up", "", "gauge", "1 when at least one pool connection is up.", F(v_db_up) },
+    { "database.replication_unsafe", true, "paycoord_database_replication_unsafe", "", "gauge",
+      "1 when the primary has standbys that are not synchronous for paycoord's commits (a failover can lose "
+      "payments), or paycoord is connected to a standby (docs/ha.md).", F(v_repl_unsafe) },
+    { "database.standbys", false, "paycoord_database_standbys", "", "gauge",
+      "Standbys connected to the primary at the last safety check (-1 unknown).", F(v_standbys) },
+    { "database.sync_standbys", false, "paycoord_database_sync_standbys", "", "gauge",
+      "Of those, synchronous ones (-1 unknown, or not visible without pg_monitor).", F(v_sync_standbys) },
+    { "database.transaction_pooling", true, "paycoord_database_transaction_pooling", "", "gauge",
+      "1 when the node lock was found not to hold through the connection (a pooler in transaction mode): "
+      "no payments are taken.", F(v_pooled) },
     { "processor.calls", false, "paycoord_processor_calls_total", "", "counter",
       "Processor calls answered (any outcome).", S(processor_calls) },
     { "processor.failures", false, "paycoord_processor_failures_total", "", "counter",

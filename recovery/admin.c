@@ -284,9 +284,10 @@ static void recovered_cb(const rec_counts *c, const char *err, void *arg)
     free(x);
 }
 
-static void foreign_lock_cb(st_status st, bool got, void *arg)
+static void foreign_lock_cb(st_status st, bool got, int pid, void *arg)
 {
     recover_ctx *x = arg;
+    (void)pid;
     if (st != ST_OK) {
         req_reply_err(x->r, PROTO_ERR_UNAVAILABLE, "database unavailable");
         free(x);

@@ -43,6 +43,12 @@
  * Crash windows: every step re-derives its facts from PostgreSQL and the
  * processor, so a pass cut short anywhere is simply run again (I7).
  *
+ * Failover: a pass settles nothing (COMMIT/ROLLBACK PREPARED, a decline)
+ * unless the node lock it started under is still held (nodelock_epoch()):
+ * after the lock session went down, e.g. with a primary that died, its items
+ * are left uncounted, and a new pass starts as soon as the lock is taken
+ * again on the new primary.
+ *
  * Re-entrancy: item steps only continue from store and processor callbacks
  * (which never fire inside the call); an item that ends at once only counts
  * down, and the pump that starts items runs from its own timer, so the stack
@@ -52,6 +58,7 @@
 #include "recovery.h"
 #include "backoff.h"
 #include "ctx.h"
+#include "dbsafety.h"
 #include "failpoint.h"
 #include "gid.h"
 #include "list.h"
@@ -103,6 +110,7 @@ struct rec_pass {
     rec_counts counts;
     pc_list waiters;
     uint64_t started_ms;
+    uint64_t lock_epoch;             /* nodelock_epoch() when it started */
     loop_timer pump;
 };
 
@@ -114,6 +122,7 @@ static rec_pass *current;
 static loop_timer tick;
 static strmap *backoffs;             /* gid -> when it is due again */
 static bool first_pass_done;
+static bool rerun;                   /* the node lock was taken again during a pass */
 static int orphans;
 
 static void item_done(rec_item *it);
@@ -237,8 +246,21 @@ static void marked_cb(st_status st, void *arg);
 
 static bool want_commit_of(const rec_item *it) { return it->decline_code[0] == '\0'; }
 
+/* Still under the node lock the pass started with? Otherwise leave the item
+ * (not counted as an attempt) for the pass that runs once the lock is back. */
+static bool lock_lost(rec_item *it)
+{
+    if (rec_node_locked() && nodelock_epoch() == it->pass->lock_epoch)
+        return false;
+    it->due = false;
+    item_leave(it, "node lock lost during the pass (a failover?)");
+    return true;
+}
+
 static void item_finish(rec_item *it)
 {
+    if (lock_lost(it))
+        return;
     if (store_finish(CH_REC, it->gid, want_commit_of(it), finish_cb, it) != STORE_QUEUED)
         item_leave(it, "database unavailable for the second phase");
 }
@@ -269,6 +291,8 @@ static void item_settle_declined(rec_item *it)
         item_done(it);
         return;
     }
+    if (lock_lost(it))
+        return;
     store_pay sp = { .payment_id = it->payment_id, .gid = it->gid };
     if (store_settle(CH_REC, &sp, "declined", it->decline_code, it->processor_ref[0] ? it->processor_ref : NULL,
                      settle_cb, it) != STORE_QUEUED)
@@ -629,7 +653,8 @@ static void pass_finish(rec_pass *ps)
         first_pass_done = true;
         ctx_readiness_changed();
     }
-    schedule_tick(D->cfg.recovery_interval_ms);
+    schedule_tick(rerun ? 0 : D->cfg.recovery_interval_ms);
+    rerun = false;
 }
 
 static void list_cb(const store_rec_list *res, void *arg)
@@ -708,6 +733,7 @@ int rec_run(const char *node, bool foreign, bool forced, void (*cb)(const rec_co
         ps->foreign = foreign;
         ps->forced = forced;
         ps->started_ms = loop_now_ms();
+        ps->lock_epoch = nodelock_epoch();
         if (store_rec_list_node(node, list_cb, ps) != STORE_QUEUED) {
             pass_free(ps);
             return -1;
@@ -763,7 +789,9 @@ static void schedule_tick(int ms)
 
 static void lock_changed(bool locked)
 {
-    if (locked)
+    if (locked && current)
+        rerun = true;                /* once the pass under the old lock ends */
+    else if (locked)
         schedule_tick(0);            /* recover at once */
 }
 
@@ -772,9 +800,10 @@ int rec_init(void)
     current = NULL;
     retry_ms = 0;
     first_pass_done = false;
+    rerun = false;
     orphans = 0;
     backoffs = strmap_new();
-    if (!backoffs || loop_timer_init(&tick, tick_cb, NULL) != 0 || nodelock_init() != 0)
+    if (!backoffs || loop_timer_init(&tick, tick_cb, NULL) != 0 || nodelock_init() != 0 || dbsafety_init() != 0)
         return -1;
     nodelock_set_cb(lock_changed);
     nodelock_try();
@@ -794,6 +823,7 @@ void rec_shutdown(void)
         current = NULL;
     }
     loop_timer_deinit(&tick);
+    dbsafety_shutdown();
     nodelock_shutdown();
     strmap_free_all(backoffs);
     backoffs = NULL;

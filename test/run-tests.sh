@@ -41,6 +41,10 @@ for b in $builds; do
         echo "=== $b build: randomized crash rounds (seeds)"
         cat "$dir/crash-rounds.log"
     fi
+    if [ -f "$dir/ha-rounds.log" ]; then
+        echo "=== $b build: database failover rounds (seeds)"
+        cat "$dir/ha-rounds.log"
+    fi
     [ "$rc" -eq 0 ] || { echo "=== $b build: FAILED"; exit "$rc"; }
 done
 echo "=== all test builds passed: $builds"

@@ -63,14 +63,28 @@ static const setting settings[] = {
       "libpq connection string of the database." },
     { "pool_size", T_INT, OFF(pool_size), "8", 1, 256, false,
       "PostgreSQL connections in the pool." },
-    { "db_reconnect_max_ms", T_INT, OFF(db_reconnect_max_ms), "5000", 100, 600000, false,
-      "Cap of the exponential reconnect backoff." },
+    { "db_reconnect_max_ms", T_INT, OFF(db_reconnect_max_ms), "1000", 100, 600000, false,
+      "Cap of the exponential reconnect backoff (with jitter). After a failover the first connection that reaches the new primary makes every other one try at once, so this bounds how long after the promotion payments resume (docs/ha.md)." },
     { "db_lock_timeout_ms", T_INT, OFF(db_lock_timeout_ms), "200", 1, 60000, false,
       "lock_timeout of every database session: no statement waits longer for a row lock (a debit on an account that another node's prepared transaction holds is retried later; nothing ever waits on a prepared transaction otherwise)." },
     { "db_stuck_ms", T_INT, OFF(db_stuck_ms), "10000", 100, 3600000, true,
       "A query of the payment pool running longer than this makes `health` report the database `stuck` (not ready)." },
     { "recovery_pool_size", T_INT, OFF(recovery_pool_size), "2", 1, 64, false,
       "PostgreSQL connections of recovery and the admin ops, apart from the payment path's pool, so that client traffic can never take them." },
+    { "db_connect_timeout_ms", T_INT, OFF(db_connect_timeout_ms), "5000", 100, 600000, false,
+      "Time a connection attempt may take, per host of a multi-host `db_conninfo` (`host=a,b target_session_attrs=read-write`: libpq tries the hosts in turn; docs/ha.md)." },
+    { "db_keepalives_idle_s", T_INT, OFF(db_keepalives_idle_s), "3", 0, 86400, false,
+      "TCP keepalives_idle of every database connection unless `db_conninfo` sets it (0: the system's). With the next three settings a server host that died without closing its connections is noticed within seconds over TCP; no effect on Unix sockets." },
+    { "db_keepalives_interval_s", T_INT, OFF(db_keepalives_interval_s), "1", 0, 86400, false,
+      "TCP keepalives_interval unless `db_conninfo` sets it (0: the system's)." },
+    { "db_keepalives_count", T_INT, OFF(db_keepalives_count), "3", 0, 1000, false,
+      "TCP keepalives_count unless `db_conninfo` sets it (0: the system's)." },
+    { "db_tcp_user_timeout_ms", T_INT, OFF(db_tcp_user_timeout_ms), "4000", 0, 3600000, false,
+      "TCP tcp_user_timeout unless `db_conninfo` sets it (0: the system's): how long sent data may stay unacknowledged, and a connect to a host that does not answer may take, before the connection is given up. Keep it below `db_connect_timeout_ms`." },
+    { "db_safety_check_interval_ms", T_INT, OFF(db_safety_check_interval_ms), "10000", 1000, 3600000, true,
+      "Interval of the replication safety check (also run whenever the database comes back): standbys that are not synchronous for paycoord's commits are logged, shown in `health` and the metrics (docs/ha.md)." },
+    { "require_synchronous_standby", T_BOOL, OFF(require_synchronous_standby), "false", 0, 1, true,
+      "Refuse payments (`unavailable`) while the primary has standbys that are not synchronous for paycoord's commits (`synchronous_standby_names` empty or `synchronous_commit` below `on`), or while that cannot be checked: a failover to such a standby can lose payments that were charged. A primary without any standby is allowed." },
     { "node_id", T_STR, OFF(node_id), "n1", 0, 0, false,
       "This daemon's node id (1-32 of A-Z a-z 0-9 _ -); part of every gid `pc:<node>:<payment>`." },
     { "processor_url", T_STR, OFF(processor_url), "http://127.0.0.1:8081", 0, 0, false,
@@ -276,6 +290,11 @@ int config_validate(const pc_config *cfg, char *err, size_t errlen)
     }
     if (!cfg->processor_token_file[0]) {
         snprintf(err, errlen, "processor_token_file: required (a file holding the processor's bearer token)");
+        return -1;
+    }
+    if (cfg->db_tcp_user_timeout_ms > 0 && cfg->db_tcp_user_timeout_ms >= cfg->db_connect_timeout_ms) {
+        snprintf(err, errlen, "db_tcp_user_timeout_ms: must be below db_connect_timeout_ms (%d), or a dead first "
+                 "host of a multi-host db_conninfo would use up the whole attempt", cfg->db_connect_timeout_ms);
         return -1;
     }
     if (strlen(cfg->listen_socket) >= 108) {

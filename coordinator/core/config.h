@@ -38,6 +38,13 @@ typedef struct pc_config {
     int db_lock_timeout_ms;
     int db_stuck_ms;
     int recovery_pool_size;
+    int db_connect_timeout_ms;
+    int db_keepalives_idle_s;
+    int db_keepalives_interval_s;
+    int db_keepalives_count;
+    int db_tcp_user_timeout_ms;
+    int db_safety_check_interval_ms;
+    bool require_synchronous_standby;
     /* node */
     char *node_id;
     /* processor */

@@ -1,7 +1,8 @@
 /*
  * pgpool.c - a pool of PostgreSQL connections on libpq's asynchronous API
  * under libevent: a FIFO query queue, queries run on idle connections,
- * ROLLBACK of transactions a caller left open, callbacks only from the loop.
+ * ROLLBACK of transactions a caller left open, callbacks only from the loop,
+ * the session settings (SETUP) before a new connection takes queries.
  * Nothing here blocks the loop thread (see pgpool.h). How one connection
  * comes up, fails and reconnects (with jittered backoff) is pgpool_conn.c;
  * pgpool_conn.h has the diagram of a slot's states.
@@ -135,8 +136,16 @@ PC_MUSTCHECK static bool finish_query(pgpool *p, pgq *q, pgpool_reply *r)
     return pool_reap(p);
 }
 
+static void pool_wake_waiting(pgpool *p)
+{
+    for (int i = 0; i < p->cfg.size; i++)
+        pgpool_conn_wake(&p->conns[i]);
+}
+
 /* Notices an up <-> down change: on down, fails every queued query, then
- * tells the state callback. */
+ * tells the state callback. On up, the slots still waiting for their
+ * reconnect backoff try at once: the server is back (after a restart or a
+ * failover), so the pool fills now rather than one slot at a time. */
 PC_MUSTCHECK static bool pool_updown(pgpool *p)
 {
     bool up = pool_is_up(p);
@@ -145,6 +154,7 @@ PC_MUSTCHECK static bool pool_updown(pgpool *p)
     p->notified_up = up;
     if (up) {
         log_notice("pgpool event=pool_up connected=%d size=%d", pgpool_connected(p), p->cfg.size);
+        pool_wake_waiting(p);
     } else {
         log_warn("pgpool event=pool_down size=%d failed_queued=%d", p->cfg.size, p->nqueued);
         pgq *q;
@@ -173,6 +183,12 @@ PC_MUSTCHECK static bool conn_lost(pconn *c)
     char why[PGPOOL_ERRBUF_LEN];
     char sqlstate[6] = "";
     pgq *q = c->q;
+    if (c->state == CONN_SETUP) {
+        /* Not up yet: a failed connect attempt, not a disconnect. */
+        snprintf(why, sizeof(why), "%s", c->err_msg ? c->err_msg : c->pg ? PQerrorMessage(c->pg) : "connection lost");
+        pgpool_conn_attempt_failed(c, why);
+        return false;
+    }
     if (c->lost_why)
         pgpool_squash(c->lost_why, why, sizeof(why));
     else if (c->err_msg)    /* e.g. "terminating connection due to administrator command" */
@@ -187,6 +203,7 @@ PC_MUSTCHECK static bool conn_lost(pconn *c)
              pgpool_conn_state_name(c->state), q ? (unsigned long long)q->id : 0ULL, why);
     p->st.disconnects++;
     c->q = NULL;
+    pgpool_conn_host_lost(c);
     pgpool_conn_close(c);
     c->failures = 0;
     pgpool_conn_schedule_reconnect(c);
@@ -211,12 +228,13 @@ static bool conn_flush(pconn *c)
     return pgpool_conn_watch(c, c->flushing ? (short)(EV_READ | EV_WRITE) : EV_READ);
 }
 
-/* Hands q (NULL: our ROLLBACK) to libpq; false if the connection broke. */
+/* Hands q (NULL: our own statement, ROLLBACK or the SETUP settings) to libpq;
+ * false if the connection broke. */
 static bool conn_submit(pconn *c, const pgq *q)
 {
     int ok;
     if (!q)
-        ok = PQsendQuery(c->pg, "ROLLBACK");
+        ok = PQsendQuery(c->pg, c->state == CONN_SETUP ? c->cx->setup_sql : "ROLLBACK");
     else if (q->nparams < 0)
         ok = PQsendQuery(c->pg, q->sql);
     else
@@ -317,7 +335,25 @@ PC_MUSTCHECK static bool conn_rollback_done(pconn *c)
     return false;
 }
 
-/* Socket activity on an up connection. */
+/* The SETUP statement finished: the slot is up, or the attempt failed. */
+PC_MUSTCHECK static bool conn_setup_done(pconn *c)
+{
+    pgpool *p = c->pool;
+    if (c->err_msg || PQtransactionStatus(c->pg) != PQTRANS_IDLE) {
+        char why[PGPOOL_ERRBUF_LEN];
+        snprintf(why, sizeof(why), "session settings failed: %s", c->err_msg ? c->err_msg : "left in a transaction");
+        pgpool_conn_attempt_failed(c, why);
+        return false;
+    }
+    pgpool_conn_clear_results(c);
+    if (!pgpool_conn_setup_ok(c))
+        return false;
+    /* Up: it takes a queued query, and the pool may be up again. */
+    pool_kick(p);
+    return pool_updown(p);
+}
+
+/* Socket activity on a connection past PQconnectPoll. */
 PC_MUSTCHECK static bool conn_io(pconn *c, short what)
 {
     PGconn *pg = c->pg;
@@ -352,7 +388,12 @@ PC_MUSTCHECK static bool conn_io(pconn *c, short what)
         return conn_lost(c);
     if (!done)
         return false;
-    return c->state == CONN_BUSY ? conn_query_done(c) : conn_rollback_done(c);
+    switch (c->state) {
+    case CONN_BUSY: return conn_query_done(c);
+    case CONN_ROLLBACK: return conn_rollback_done(c);
+    case CONN_SETUP: return conn_setup_done(c);
+    default: return false;
+    }
 }
 
 /* The socket event of every slot (pgpool_connector.io_cb). */
@@ -362,13 +403,11 @@ static void conn_io_cb(evutil_socket_t fd, short what, void *arg)
     (void)fd;
     switch (c->state) {
     case CONN_CONNECTING:
-        if (pgpool_conn_step(c)) {
-            /* Up: it takes a queued query, and the pool may be up again. */
-            pool_kick(c->pool);
-            if (pool_updown(c->pool))
-                return;    /* the pool is gone */
-        }
+        /* Connected: the session settings go first (conn_setup_done). */
+        if (pgpool_conn_step(c) && !conn_submit(c, NULL))
+            pgpool_conn_attempt_failed(c, PQerrorMessage(c->pg));
         break;
+    case CONN_SETUP:
     case CONN_IDLE:
     case CONN_BUSY:
     case CONN_ROLLBACK:
@@ -499,7 +538,9 @@ pgpool *pgpool_new(struct event_base *base, const pgpool_config *cfg)
     for (int i = 0; i < cfg->size; i++)
         if (!pgpool_conn_init(&p->conns[i], &p->cx, p, i))
             goto fail;
-    if (!pgpool_conn_params(&p->cx, cfg->conninfo))
+    pgpool_tcp tcp = { .keepalives_idle_s = cfg->keepalives_idle_s, .keepalives_interval_s = cfg->keepalives_interval_s,
+                       .keepalives_count = cfg->keepalives_count, .user_timeout_ms = cfg->tcp_user_timeout_ms };
+    if (!pgpool_conn_params(&p->cx, cfg->conninfo, &tcp))
         goto fail;
     for (int i = 0; i < cfg->size; i++)
         pgpool_conn_start(&p->conns[i]);
@@ -624,6 +665,12 @@ int pgpool_oldest_busy_ms(const pgpool *p)
         if (p->conns[i].state == CONN_BUSY && now - p->conns[i].busy_since_ms > oldest)
             oldest = now - p->conns[i].busy_since_ms;
     return (int)oldest;
+}
+
+void pgpool_wake(pgpool *p)
+{
+    if (p && !p->closing)
+        pool_wake_waiting(p);
 }
 
 void pgpool_set_state_cb(pgpool *p, void (*cb)(bool up, void *arg), void *arg)

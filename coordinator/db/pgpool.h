@@ -37,6 +37,11 @@ typedef struct pgpool_config {
     int lock_timeout_ms;          /* every session runs with lock_timeout = this */
     const char *app_name;         /* application_name prefix; each connection attempt gets
                                      "<app_name>/<16 hex>", its fence token (see below) */
+    /* TCP (ignored on Unix sockets), each added to the conninfo unless it
+     * sets it; 0 leaves libpq's default: keepalives_idle, _interval (s),
+     * _count, tcp_user_timeout (ms). */
+    int keepalives_idle_s, keepalives_interval_s, keepalives_count;
+    int tcp_user_timeout_ms;
 } pgpool_config;
 
 typedef enum {
@@ -81,6 +86,9 @@ int pgpool_busy(const pgpool *p);      /* connections running a query */
 int pgpool_queued(const pgpool *p);    /* queries waiting for a connection */
 /* Called whenever the pool goes from up to down or back (may be NULL). */
 void pgpool_set_state_cb(pgpool *p, void (*cb)(bool up, void *arg), void *arg);
+/* Connections waiting out their reconnect backoff try now (another pool on
+ * the same database just connected: the server, or a new primary, is up). */
+void pgpool_wake(pgpool *p);
 
 /*
  * Additions (implementation notes that callers rely on):
@@ -94,8 +102,15 @@ void pgpool_set_state_cb(pgpool *p, void (*cb)(bool up, void *arg), void *arg);
  * Every connection runs with client_encoding=UTF8 and
  * standard_conforming_strings=on whatever the conninfo says (a server that
  * refuses them is a connect failure), and with application_name=paycoord
- * unless the conninfo or PGAPPNAME names one. conninfo is copied; the caller
- * may free it after pgpool_new(). sql and parameter values are copied too.
+ * unless the conninfo or PGAPPNAME names one. standard_conforming_strings and
+ * lock_timeout are set by a statement right after the connection is made,
+ * before it takes queries (not as startup options, which pgbouncer refuses).
+ * With a multi-host conninfo (host=a,b; libpq tries them in turn, e.g. with
+ * target_session_attrs=read-write) connect_timeout_ms applies per host, and
+ * each attempt lists first the host that last took a connection (any pool's),
+ * or the next one once a connection to it broke (pgpool_conn.c).
+ * conninfo is copied; the caller may free it after pgpool_new(). sql and
+ * parameter values are copied too.
  *
  * max_queue bounds the queries that must wait for a busy connection: a query
  * is refused with PGPOOL_OVERLOADED when pgpool_queued() minus the idle

@@ -12,9 +12,18 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* With a multi-host conninfo, the host (and port) that attempts list first,
+ * any pool's: the one that last took a connection, or, once a connection to
+ * it broke, the next one in the list (a standby that refuses a read-write
+ * session costs one quick round trip; a host that vanished would cost every
+ * attempt its tcp_user_timeout). After a failover the first connection that
+ * reaches the new primary makes every later attempt go there directly. */
+static char first_host[256], first_port[32];
+
 static const char *const conn_state_names[CONN_NSTATES] = {
     [CONN_WAITING] = "waiting",
     [CONN_CONNECTING] = "connecting",
+    [CONN_SETUP] = "setup",
     [CONN_IDLE] = "idle",
     [CONN_BUSY] = "busy",
     [CONN_ROLLBACK] = "rollback",
@@ -144,7 +153,7 @@ void pgpool_conn_schedule_reconnect(pconn *c)
              c->failures);
 }
 
-static void conn_attempt_failed(pconn *c, const char *why)
+void pgpool_conn_attempt_failed(pconn *c, const char *why)
 {
     char buf[PGPOOL_ERRBUF_LEN];
     c->cx->connect_failures++;
@@ -173,10 +182,84 @@ static void conn_notice(void *arg, const PGresult *res)
                   sev ? sev : "", code ? code : "", buf);
 }
 
+/* Host i of the lists: its name (or address) and port (NULL: the default). */
+static void host_of(const pgpool_connector *cx, int i, const char **h, const char **p)
+{
+    const int nh = cx->list_n[PGPOOL_L_HOST], na = cx->list_n[PGPOOL_L_HOSTADDR], np = cx->list_n[PGPOOL_L_PORT];
+    /* PQhost() answers the host name when one is given, else the address. */
+    *h = nh == cx->nhosts ? cx->list_item[PGPOOL_L_HOST][i] : na == cx->nhosts ? cx->list_item[PGPOOL_L_HOSTADDR][i]
+                                                                               : NULL;
+    *p = np == cx->nhosts ? cx->list_item[PGPOOL_L_PORT][i] : np == 1 ? cx->list_item[PGPOOL_L_PORT][0] : NULL;
+}
+
+/* Which host of the lists comes first (-1: none known, or no lists). */
+static int first_index(const pgpool_connector *cx)
+{
+    if (!first_host[0] || cx->nhosts < 2)
+        return -1;
+    for (int i = 0; i < cx->nhosts; i++) {
+        const char *h, *p;
+        host_of(cx, i, &h, &p);
+        if (h && !strcmp(h, first_host) && (!p || !strcmp(p, first_port)))
+            return i;
+    }
+    return -1;
+}
+
+void pgpool_conn_host_lost(const pconn *c)
+{
+    const pgpool_connector *cx = c->cx;
+    int i = first_index(cx);
+    const char *h = c->pg ? PQhost(c->pg) : NULL, *p = c->pg ? PQport(c->pg) : NULL;
+    if (i < 0 || !h || !p || strcmp(h, first_host) != 0 || strcmp(p, first_port) != 0)
+        return;
+    const char *nh, *np;
+    host_of(cx, (i + 1) % cx->nhosts, &nh, &np);
+    if (!nh)
+        return;
+    snprintf(first_host, sizeof(first_host), "%s", nh);
+    snprintf(first_port, sizeof(first_port), "%s", np ? np : p);
+}
+
+/* The conninfo's lists rotated to start at host k, into the slot's buffers
+ * and cx->val (restored by the caller). False: leave them as they are. */
+static bool rotate_lists(pconn *c, int k, const char *saved[PGPOOL_NLISTS])
+{
+    pgpool_connector *cx = c->cx;
+    for (int l = 0; l < PGPOOL_NLISTS; l++) {
+        int n = cx->list_n[l];
+        saved[l] = NULL;
+        if (cx->list_idx[l] < 0 || n != cx->nhosts)
+            continue;            /* absent, or one value for every host */
+        size_t used = 0;
+        c->lists[l][0] = '\0';
+        for (int j = 0; j < n; j++) {
+            int w = snprintf(c->lists[l] + used, sizeof(c->lists[l]) - used, "%s%s", j ? "," : "",
+                             cx->list_item[l][(k + j) % n]);
+            if (w < 0 || (size_t)w >= sizeof(c->lists[l]) - used) {
+                for (int r = 0; r < l; r++)         /* too long: no rotation at all */
+                    if (saved[r])
+                        cx->val[cx->list_idx[r]] = saved[r];
+                return false;
+            }
+            used += (size_t)w;
+        }
+        saved[l] = cx->val[cx->list_idx[l]];
+        cx->val[cx->list_idx[l]] = c->lists[l];
+    }
+    return true;
+}
+
 void pgpool_conn_start(pconn *c)
 {
     pgpool_connector *cx = c->cx;
-    struct timeval tv = ms_to_tv(cx->connect_timeout_ms);
+    const char *saved[PGPOOL_NLISTS] = { NULL, NULL, NULL };
+    int k = first_index(cx);
+    bool rotated = k > 0 && rotate_lists(c, k, saved);
+    /* libpq tries the hosts of a multi-host conninfo in turn within one
+     * attempt (a dead host over TCP fails after tcp_user_timeout), so each
+     * host gets the connect timeout. */
+    struct timeval tv = ms_to_tv(cx->connect_timeout_ms * cx->nhosts);
     c->attempt_ms = pgpool_now_ms();
     if (cx->app_idx >= 0) {
         /* A fresh token per session: a lost session can be found (and
@@ -187,54 +270,68 @@ void pgpool_conn_start(pconn *c)
     c->pg = PQconnectStartParams(cx->kw, cx->val, 0);
     if (cx->app_idx >= 0)
         cx->val[cx->app_idx] = NULL;
+    for (int l = 0; rotated && l < PGPOOL_NLISTS; l++)
+        if (saved[l])
+            cx->val[cx->list_idx[l]] = saved[l];
     if (!c->pg) {
-        conn_attempt_failed(c, "out of memory");
+        pgpool_conn_attempt_failed(c, "out of memory");
         return;
     }
     PQsetNoticeReceiver(c->pg, conn_notice, c);
     if (PQstatus(c->pg) == CONNECTION_BAD) {
-        conn_attempt_failed(c, PQerrorMessage(c->pg));
+        pgpool_conn_attempt_failed(c, PQerrorMessage(c->pg));
         return;
     }
     pgpool_conn_set_state(c, CONN_CONNECTING);
     evtimer_add(c->timer, &tv);
     /* Before the first PQconnectPoll, behave as if it had said WRITING. */
     if (!pgpool_conn_watch(c, EV_WRITE))
-        conn_attempt_failed(c, "cannot watch the socket");
+        pgpool_conn_attempt_failed(c, "cannot watch the socket");
 }
 
 /* ---- connecting ---- */
 
-/* PQconnectPoll said OK: check the session's settings and go IDLE. True when
- * the slot is up. */
+/* PQconnectPoll said OK: the session settings come next (SETUP). True when
+ * the slot is in SETUP. */
 static bool conn_established(pconn *c)
+{
+    if (PQsetnonblocking(c->pg, 1) != 0) {
+        pgpool_conn_attempt_failed(c, PQerrorMessage(c->pg));
+        return false;
+    }
+    if (!pgpool_conn_watch(c, EV_READ)) {
+        pgpool_conn_attempt_failed(c, "cannot watch the socket");
+        return false;
+    }
+    pgpool_conn_set_state(c, CONN_SETUP);
+    return true;
+}
+
+bool pgpool_conn_setup_ok(pconn *c)
 {
     const char *scs = PQparameterStatus(c->pg, "standard_conforming_strings");
     const char *enc = PQparameterStatus(c->pg, "client_encoding");
     char buf[PGPOOL_ERRBUF_LEN];
 
-    evtimer_del(c->timer);
     if (!scs || strcmp(scs, "on") != 0 || !enc || strcmp(enc, "UTF8") != 0) {
         snprintf(buf, sizeof(buf), "server runs standard_conforming_strings=%s client_encoding=%s; "
                  "need on and UTF8", scs ? scs : "?", enc ? enc : "?");
-        conn_attempt_failed(c, buf);
+        pgpool_conn_attempt_failed(c, buf);
         return false;
     }
-    if (PQsetnonblocking(c->pg, 1) != 0) {
-        conn_attempt_failed(c, PQerrorMessage(c->pg));
-        return false;
-    }
-    if (!pgpool_conn_watch(c, EV_READ)) {
-        conn_attempt_failed(c, "cannot watch the socket");
-        return false;
+    evtimer_del(c->timer);
+    if (c->cx->nhosts > 1) {
+        snprintf(first_host, sizeof(first_host), "%s", PQhost(c->pg) ? PQhost(c->pg) : "");
+        snprintf(first_port, sizeof(first_port), "%s", PQport(c->pg) ? PQport(c->pg) : "");
     }
     if (c->ever_up)
         c->cx->reconnects++;
     c->ever_up = true;
     c->failures = 0;
-    log_info("pgpool event=connect_ok conn=%d backend_pid=%d server_version=%d host=%s "
+    log_info("pgpool event=connect_ok conn=%d backend_pid=%d server_version=%d host=%s port=%s "
              "elapsed_ms=%.1f", c->id, PQbackendPID(c->pg), PQserverVersion(c->pg),
-             pgpool_squash(PQhost(c->pg), buf, sizeof(buf)), pgpool_now_ms() - c->attempt_ms);
+             pgpool_squash(PQhost(c->pg), buf, sizeof(buf)), PQport(c->pg) ? PQport(c->pg) : "",
+             pgpool_now_ms() - c->attempt_ms);
     pgpool_conn_set_state(c, CONN_IDLE);
     return true;
 }
@@ -245,19 +342,19 @@ bool pgpool_conn_step(pconn *c)
     switch (PQconnectPoll(c->pg)) {
     case PGRES_POLLING_READING:
         if (!pgpool_conn_watch(c, EV_READ))
-            conn_attempt_failed(c, "cannot watch the socket");
+            pgpool_conn_attempt_failed(c, "cannot watch the socket");
         return false;
     case PGRES_POLLING_WRITING:
     case PGRES_POLLING_ACTIVE:  /* unused by libpq; "call again" */
         if (!pgpool_conn_watch(c, EV_WRITE))
-            conn_attempt_failed(c, "cannot watch the socket");
+            pgpool_conn_attempt_failed(c, "cannot watch the socket");
         return false;
     case PGRES_POLLING_OK:
         return conn_established(c);
     case PGRES_POLLING_FAILED:
         break;
     }
-    conn_attempt_failed(c, PQerrorMessage(c->pg));
+    pgpool_conn_attempt_failed(c, PQerrorMessage(c->pg));
     return false;
 }
 
@@ -269,10 +366,30 @@ static void conn_timer_cb(evutil_socket_t fd, short what, void *arg)
     (void)what;
     if (c->state == CONN_WAITING) {
         pgpool_conn_start(c);
-    } else if (c->state == CONN_CONNECTING) {
-        snprintf(buf, sizeof(buf), "timeout after %d ms", c->cx->connect_timeout_ms);
-        conn_attempt_failed(c, buf);
+    } else if (c->state == CONN_CONNECTING || c->state == CONN_SETUP) {
+        snprintf(buf, sizeof(buf), "timeout after %d ms%s", c->cx->connect_timeout_ms * c->cx->nhosts,
+                 c->state == CONN_SETUP ? " (session settings)" : "");
+        pgpool_conn_attempt_failed(c, buf);
     }
+}
+
+void pgpool_conn_wake(pconn *c)
+{
+    if (c->state == CONN_CONNECTING && first_host[0] && c->pg) {
+        const char *h = PQhost(c->pg), *p = PQport(c->pg);
+        if (h && p && (strcmp(h, first_host) != 0 || strcmp(p, first_port) != 0)) {
+            log_info("pgpool event=reconnect_now conn=%d was_trying=%s:%s now_first=%s:%s", c->id, h, p, first_host,
+                     first_port);
+            pgpool_conn_close(c);
+            pgpool_conn_set_state(c, CONN_WAITING);
+            pgpool_conn_start(c);
+        }
+        return;
+    }
+    if (c->state != CONN_WAITING)
+        return;
+    evtimer_del(c->timer);
+    pgpool_conn_start(c);
 }
 
 /* ---- setup ---- */
@@ -291,17 +408,56 @@ static bool kw_add(pgpool_connector *cx, int *n, const char *k, const char *v)
     return true;
 }
 
-bool pgpool_conn_params(pgpool_connector *cx, const char *conninfo)
+/* Hosts of a conninfo: the longer of its host and hostaddr lists (libpq's rule). */
+static int count_list(const char *v)
 {
-    static const char scs_opt[] = "-c standard_conforming_strings=on";
-    char lt_opt[48] = "";
-    char *err = NULL, *options = NULL;
+    int n = 1;
+    for (; v && *v; v++)
+        n += *v == ',';
+    return n;
+}
+
+/* Keep the items of a comma-separated list (host, hostaddr, port). */
+static bool split_list(pgpool_connector *cx, int l, int idx, const char *v)
+{
+    cx->list_idx[l] = idx;
+    cx->list_n[l] = 0;
+    while (cx->list_n[l] < PGPOOL_MAX_HOSTS) {
+        const char *end = strchr(v, ',');
+        size_t len = end ? (size_t)(end - v) : strlen(v);
+        char *item = strndup(v, len);
+        if (!item)
+            return false;
+        cx->list_item[l][cx->list_n[l]++] = item;
+        if (!end)
+            return true;
+        v = end + 1;
+    }
+    /* More hosts than we rotate over: leave the list alone. */
+    for (int i = 0; i < cx->list_n[l]; i++)
+        free(cx->list_item[l][i]);
+    cx->list_n[l] = 0;
+    return true;
+}
+
+bool pgpool_conn_params(pgpool_connector *cx, const char *conninfo, const pgpool_tcp *tcp)
+{
+    static const char *const tcp_kw[4] = { "keepalives_idle", "keepalives_interval", "keepalives_count",
+                                           "tcp_user_timeout" };
+    int tcp_val[4] = { tcp ? tcp->keepalives_idle_s : 0, tcp ? tcp->keepalives_interval_s : 0,
+                       tcp ? tcp->keepalives_count : 0, tcp ? tcp->user_timeout_ms : 0 };
+    bool tcp_set[4] = { false, false, false, false };
+    char *err = NULL;
     char buf[PGPOOL_ERRBUF_LEN];
     bool ok = false, have_fallback = false;
-    const char *user_options = NULL;
     size_t nopts = 0;
     int n = 0;
 
+    cx->nhosts = 1;
+    for (int l = 0; l < PGPOOL_NLISTS; l++) {
+        cx->list_idx[l] = -1;
+        cx->list_n[l] = 0;
+    }
     PQconninfoOption *opts = PQconninfoParse(conninfo ? conninfo : "", &err);
     if (!opts) {
         log_error("pgpool event=bad_conninfo error=\"%s\"",
@@ -310,39 +466,44 @@ bool pgpool_conn_params(pgpool_connector *cx, const char *conninfo)
     }
     for (PQconninfoOption *o = opts; o->keyword; o++)
         nopts++;
-    cx->kw = calloc(nopts + 6, sizeof(*cx->kw));
-    cx->val = calloc(nopts + 6, sizeof(*cx->val));
+    cx->kw = calloc(nopts + 10, sizeof(*cx->kw));
+    cx->val = calloc(nopts + 10, sizeof(*cx->val));
     if (!cx->kw || !cx->val)
         goto oom;
     for (PQconninfoOption *o = opts; o->keyword; o++) {
         if (!o->val || !o->val[0])
             continue;    /* libpq ignores empty values too */
-        if (strcmp(o->keyword, "options") == 0) {
-            user_options = o->val;
-            continue;
-        }
         if (strcmp(o->keyword, "client_encoding") == 0)
             continue;    /* forced below */
         if (strcmp(o->keyword, "fallback_application_name") == 0)
             have_fallback = true;
+        if ((strcmp(o->keyword, "host") == 0 || strcmp(o->keyword, "hostaddr") == 0) &&
+            count_list(o->val) > cx->nhosts)
+            cx->nhosts = count_list(o->val);
+        for (int i = 0; i < 4; i++)
+            if (strcmp(o->keyword, tcp_kw[i]) == 0)
+                tcp_set[i] = true;
         if (cx->app_name && strcmp(o->keyword, "application_name") == 0)
             continue;    /* the fence token takes its place */
         if (!kw_add(cx, &n, o->keyword, o->val))
             goto oom;
+        int l = !strcmp(o->keyword, "host") ? PGPOOL_L_HOST : !strcmp(o->keyword, "hostaddr") ? PGPOOL_L_HOSTADDR
+                : !strcmp(o->keyword, "port") ? PGPOOL_L_PORT : -1;
+        if (l >= 0 && !split_list(cx, l, n - 1, o->val))
+            goto oom;
     }
-    /* An explicit "options" hides PGOPTIONS, so carry it over. */
-    if (!user_options)
-        user_options = getenv("PGOPTIONS");
-    if (!user_options)
-        user_options = "";
-    if (cx->lock_timeout_ms > 0)
-        snprintf(lt_opt, sizeof(lt_opt), " -c lock_timeout=%dms", cx->lock_timeout_ms);
-    size_t len = strlen(user_options) + sizeof(scs_opt) + strlen(lt_opt) + 1;
-    options = malloc(len);
-    if (!options)
-        goto oom;
-    snprintf(options, len, "%s%s%s%s", user_options, user_options[0] ? " " : "", scs_opt, lt_opt);
-    if (!kw_add(cx, &n, "options", options) || !kw_add(cx, &n, "client_encoding", "UTF8"))
+    /* Keepalives and tcp_user_timeout, so that a host that died without
+     * closing its connections (power, network) is noticed within seconds
+     * over TCP; ignored on Unix sockets. The conninfo's own values win. */
+    for (int i = 0; i < 4; i++) {
+        char v[16];
+        if (tcp_set[i] || tcp_val[i] <= 0)
+            continue;
+        snprintf(v, sizeof(v), "%d", tcp_val[i]);
+        if (!kw_add(cx, &n, tcp_kw[i], v))
+            goto oom;
+    }
+    if (!kw_add(cx, &n, "client_encoding", "UTF8"))
         goto oom;
     if (!have_fallback && !kw_add(cx, &n, "fallback_application_name", "paycoord"))
         goto oom;
@@ -354,12 +515,19 @@ bool pgpool_conn_params(pgpool_connector *cx, const char *conninfo)
         free((char *)cx->val[cx->app_idx]);
         cx->val[cx->app_idx] = NULL;
     }
+    /* Session settings as a statement, not as startup `options`: pgbouncer
+     * refuses startup options, and a SET holds for the whole session in
+     * its session pooling mode (the only one paycoord supports). */
+    snprintf(buf, sizeof(buf), "SET standard_conforming_strings = on");
+    if (cx->lock_timeout_ms > 0)
+        snprintf(buf + strlen(buf), sizeof(buf) - strlen(buf), "; SET lock_timeout = '%dms'", cx->lock_timeout_ms);
+    if (!(cx->setup_sql = strdup(buf)))
+        goto oom;
     ok = true;
     goto out;
 oom:
     log_error("pgpool event=setup_failed error=\"out of memory\"");
 out:
-    free(options);
     if (opts)
         PQconninfoFree(opts);
     if (err)
@@ -376,7 +544,14 @@ void pgpool_conn_params_free(pgpool_connector *cx)
                 free((char *)cx->val[i]);
         }
     }
+    for (int l = 0; l < PGPOOL_NLISTS; l++) {
+        for (int i = 0; i < cx->list_n[l]; i++)
+            free(cx->list_item[l][i]);
+        cx->list_n[l] = 0;
+    }
     free(cx->app_name);
+    free(cx->setup_sql);
+    cx->setup_sql = NULL;
     free(cx->kw);
     free(cx->val);
     cx->app_name = NULL;

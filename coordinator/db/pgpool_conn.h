@@ -8,14 +8,18 @@
  *
  * Slot lifecycle (pgpool_conn_set_state() is the only writer of c->state):
  *
- *   WAITING --timer--> CONNECTING --PQconnectPoll OK--> IDLE <--> BUSY
- *      ^                   |                              ^        |
- *      |  failure/timeout  |                              |        | left in a transaction
- *      +-------------------+                              +-- ROLLBACK
+ *   WAITING --timer/wake--> CONNECTING --PQconnectPoll OK--> SETUP --> IDLE <--> BUSY
+ *      ^                        |                             |         ^        |
+ *      |  failure/timeout       |                             |         |        | left in a transaction
+ *      +------------------------+-----------------------------+         +-- ROLLBACK
  *      +--------- lost (EOF, send/recv error) from IDLE, BUSY, ROLLBACK
  *
- * IDLE, BUSY and ROLLBACK are the pool's to set (pgpool.c); this half moves a
- * slot from WAITING to CONNECTING to IDLE, and back to WAITING.
+ * SETUP runs the session settings every connection needs (standard_conforming_strings,
+ * lock_timeout) as a statement rather than as startup `options`, which
+ * pgbouncer refuses; the connect timeout covers it. IDLE, BUSY and ROLLBACK
+ * are the pool's to set (pgpool.c), and so is the SETUP statement; this half
+ * moves a slot from WAITING to CONNECTING to SETUP, from SETUP to IDLE
+ * (pgpool_conn_setup_ok), and back to WAITING.
  */
 #ifndef PAYCOORD_PGPOOL_CONN_H
 #define PAYCOORD_PGPOOL_CONN_H
@@ -25,6 +29,11 @@
 #include <event2/util.h>
 #include <libpq-fe.h>
 
+#define PGPOOL_MAX_HOSTS 16      /* hosts of a multi-host conninfo that attempts are rotated over */
+#define PGPOOL_LIST_LEN 1024     /* longest host, hostaddr or port list rotated */
+
+enum { PGPOOL_L_HOST, PGPOOL_L_HOSTADDR, PGPOOL_L_PORT, PGPOOL_NLISTS };
+
 struct event;
 struct event_base;
 struct pgpool;
@@ -33,6 +42,7 @@ struct pgq;
 typedef enum {
     CONN_WAITING,    /* no PGconn; the reconnect timer is pending */
     CONN_CONNECTING, /* PQconnectPoll in progress; the connect timeout is armed */
+    CONN_SETUP,      /* connected; running the session settings (connect timeout still armed) */
     CONN_IDLE,       /* up, ready for a query */
     CONN_BUSY,       /* running a caller's query (c->q) */
     CONN_ROLLBACK,   /* running our own ROLLBACK after a caller left a transaction open */
@@ -46,7 +56,15 @@ typedef struct pgpool_connector {
     const char **val;
     int app_idx;            /* index of application_name in kw/val (-1: none); its value is set per attempt */
     char *app_name;         /* the prefix of fence tokens (NULL: none); owned */
-    int connect_timeout_ms; /* per attempt */
+    int connect_timeout_ms; /* per attempt and host (a multi-host conninfo gets this per host) */
+    int nhosts;             /* hosts in the conninfo (>= 1) */
+    /* A multi-host conninfo: the kw/val index of its host, hostaddr and port
+     * lists (-1: absent) and their items; each attempt lists the host that
+     * last took a connection first (pgpool_conn_start). */
+    int list_idx[PGPOOL_NLISTS];
+    int list_n[PGPOOL_NLISTS];
+    char *list_item[PGPOOL_NLISTS][PGPOOL_MAX_HOSTS];   /* owned */
+    char *setup_sql;        /* the SETUP statement; owned */
     int reconnect_min_ms;   /* backoff start */
     int reconnect_max_ms;   /* backoff cap */
     int lock_timeout_ms;    /* every session's lock_timeout (0: the server's) */
@@ -81,13 +99,21 @@ typedef struct pconn {
     double attempt_ms;      /* when the current connect attempt started */
     double busy_since_ms;   /* when the running query was handed to libpq */
     char fence[96];         /* application_name of the current session ("" before any) */
+    char lists[PGPOOL_NLISTS][PGPOOL_LIST_LEN];    /* this attempt's rotated host lists */
 } pconn;
 
+/* TCP settings added to the conninfo unless it sets them (0: leave libpq's). */
+typedef struct pgpool_tcp {
+    int keepalives_idle_s, keepalives_interval_s, keepalives_count;
+    int user_timeout_ms;
+} pgpool_tcp;
+
 /* Turn conninfo into cx->kw/val with our forced settings (client_encoding
- * UTF8, standard_conforming_strings on, cx->lock_timeout_ms, the fence token
- * when cx->app_name is set). False, logged, on a conninfo libpq cannot parse
- * or out of memory. */
-bool pgpool_conn_params(pgpool_connector *cx, const char *conninfo) PC_MUSTCHECK;
+ * UTF8, the fence token when cx->app_name is set, the TCP settings of tcp the
+ * conninfo does not set) and cx->setup_sql (standard_conforming_strings on,
+ * cx->lock_timeout_ms); count its hosts. False, logged, on a conninfo libpq
+ * cannot parse or out of memory. */
+bool pgpool_conn_params(pgpool_connector *cx, const char *conninfo, const pgpool_tcp *tcp) PC_MUSTCHECK;
 /* Free what pgpool_conn_params() and the caller put in cx (kw, val, app_name). */
 void pgpool_conn_params_free(pgpool_connector *cx);
 
@@ -98,8 +124,22 @@ void pgpool_conn_deinit(pconn *c);
 
 /* Start a connect attempt now (WAITING -> CONNECTING, or back to WAITING). */
 void pgpool_conn_start(pconn *c);
-/* One PQconnectPoll step of a CONNECTING slot; true when it is now IDLE. */
+/* One PQconnectPoll step of a CONNECTING slot; true when it is now SETUP
+ * (the pool sends cx->setup_sql next). */
 bool pgpool_conn_step(pconn *c) PC_MUSTCHECK;
+/* The SETUP statement succeeded: check the session and go IDLE. True when
+ * the slot is up; false when it failed (then WAITING, logged). */
+bool pgpool_conn_setup_ok(pconn *c) PC_MUSTCHECK;
+/* A connect attempt (CONNECTING or SETUP) failed: close, count, WAITING. */
+void pgpool_conn_attempt_failed(pconn *c, const char *why);
+/* A WAITING slot starts its next attempt now instead of after its backoff;
+ * a CONNECTING one that is trying another host than the one that last took
+ * a connection (a dead one, maybe: a SYN to a vanished host waits out
+ * tcp_user_timeout) starts again with that host first. */
+void pgpool_conn_wake(pconn *c);
+/* An established connection broke: if its host was the one attempts list
+ * first, the next host of the conninfo is listed first from now on. */
+void pgpool_conn_host_lost(const pconn *c);
 /* Drop the PGconn, its socket event and its results; the state is unchanged. */
 void pgpool_conn_close(pconn *c);
 /* After pgpool_conn_close(): WAITING, reconnect after the backoff delay. */

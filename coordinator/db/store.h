@@ -291,11 +291,43 @@ int store_prepared_count(const char *node, void (*cb)(st_status st, int count, d
  * lost_cb fires when that session breaks (the lock is gone with it). */
 void store_set_lock_cb(void (*up_cb)(bool up));
 bool store_lock_session_up(void);
-int store_node_lock(const char *node, void (*cb)(st_status st, bool got, void *), void *arg) PC_MUSTCHECK;
+/* pg_try_advisory_lock on the lock session; pid: the backend that ran it. */
+int store_node_lock(const char *node, void (*cb)(st_status st, bool got, int pid, void *), void *arg) PC_MUSTCHECK;
 int store_node_unlock(const char *node);
 /* Is node's lock held by a live session (anyone's)? */
 int store_node_alive(store_chan ch, const char *node, void (*cb)(st_status st, bool alive, void *), void *arg)
     PC_MUSTCHECK;
+
+/* Is the lock still there, held by the lock session's own backend? On the
+ * lock session, after taking it: my_pid is that statement's backend. A pooler
+ * in transaction mode (pgbouncer pool_mode = transaction) runs each statement
+ * on whichever server session is free, so a session lock cannot be relied on
+ * there; these two checks catch it (docs/ha.md). */
+int store_node_lock_check(const char *node, void (*cb)(st_status st, int my_pid, bool held_by_me, void *), void *arg)
+    PC_MUSTCHECK;
+/* Seen from another connection (ch): this statement's backend, and the
+ * backend that holds node's lock (0: nobody). */
+int store_node_lock_holder(store_chan ch, const char *node,
+                           void (*cb)(st_status st, int my_pid, int holder_pid, void *), void *arg) PC_MUSTCHECK;
+/* Best effort: end backend holder_pid if it still holds node's lock (a lock
+ * left on a pooled server session that paycoord can no longer reach). */
+void store_node_lock_evict(const char *node, int holder_pid);
+
+/* ------------------------------------------------------------ replication safety */
+
+typedef struct store_replication {
+    st_status st;
+    const char *errmsg;
+    bool in_recovery;              /* the server is a standby (read-only) */
+    int standbys;                  /* connected walsenders (pg_stat_replication rows) */
+    int sync_standbys;             /* of which sync or quorum (-1: not visible to our role) */
+    const char *sync_names;        /* synchronous_standby_names ("" when empty) */
+    const char *sync_commit;       /* synchronous_commit of our sessions */
+    const char *standby_list;      /* "name:state:sync_state,..." for the log ("" none) */
+} store_replication;
+
+/* The primary's replication facts for the safety check (recovery/dbsafety.c). */
+int store_replication_facts(void (*cb)(const store_replication *, void *), void *arg) PC_MUSTCHECK;
 
 /* ------------------------------------------------------------ recovery */
 

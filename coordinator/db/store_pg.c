@@ -110,16 +110,40 @@ void spg_row(const PGresult *res, int row, store_payment_row *out)
 
 /* ---------------------------------------------------------------- lifecycle */
 
+/* One pool just connected: the server (after a restart) or a new primary
+ * (after a failover) takes connections again, so the other pools stop
+ * waiting out their reconnect backoff. The node lock's session matters most:
+ * payments wait for the lock, so it must not come back a backoff later than
+ * the payment pool. */
+static void wake_others(const pgpool *up)
+{
+    pgpool *pools[] = { pay_pool, rec_pool, lock_pool };
+    for (size_t i = 0; i < PC_ARRAY_LEN(pools); i++)
+        if (pools[i] && pools[i] != up)
+            pgpool_wake(pools[i]);
+}
+
 static void pay_state_cb(bool up, void *arg)
 {
     (void)arg;
+    if (up)
+        wake_others(pay_pool);
     if (state_cb)
         state_cb(up);
+}
+
+static void rec_state_cb(bool up, void *arg)
+{
+    (void)arg;
+    if (up)
+        wake_others(rec_pool);
 }
 
 static void lock_state_cb(bool up, void *arg)
 {
     (void)arg;
+    if (up)
+        wake_others(lock_pool);
     if (lock_cb)
         lock_cb(up);
 }
@@ -134,9 +158,13 @@ int store_init(void)
     snprintf(app, sizeof(app), "paycoord/%s", cfg->node_id);
     closing = false;
     pgpool_config pc = { .conninfo = cfg->db_conninfo, .size = cfg->pool_size,
-                         .max_queue = cfg->max_in_flight * 4 + 1024, .connect_timeout_ms = 5000,
+                         .max_queue = cfg->max_in_flight * 4 + 1024, .connect_timeout_ms = cfg->db_connect_timeout_ms,
                          .reconnect_min_ms = 100, .reconnect_max_ms = cfg->db_reconnect_max_ms,
-                         .lock_timeout_ms = cfg->db_lock_timeout_ms, .app_name = app };
+                         .lock_timeout_ms = cfg->db_lock_timeout_ms, .app_name = app,
+                         .keepalives_idle_s = cfg->db_keepalives_idle_s,
+                         .keepalives_interval_s = cfg->db_keepalives_interval_s,
+                         .keepalives_count = cfg->db_keepalives_count,
+                         .tcp_user_timeout_ms = cfg->db_tcp_user_timeout_ms };
     pay_pool = pgpool_new(loop_base(), &pc);
     pgpool_config rc = pc;
     rc.size = cfg->recovery_pool_size;
@@ -151,6 +179,7 @@ int store_init(void)
         return -1;
     }
     pgpool_set_state_cb(pay_pool, pay_state_cb, NULL);
+    pgpool_set_state_cb(rec_pool, rec_state_cb, NULL);
     pgpool_set_state_cb(lock_pool, lock_state_cb, NULL);
     return 0;
 }

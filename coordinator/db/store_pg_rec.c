@@ -29,14 +29,25 @@ static void bool_cb(const pgpool_reply *r, void *arg)
     free(c);
 }
 
-int store_node_lock(const char *node, void (*cb)(st_status st, bool got, void *), void *arg)
+typedef void (*got_fn)(st_status, bool, int, void *);
+
+static void got_cb(const pgpool_reply *r, void *arg)
+{
+    spg_call *c = arg;
+    st_status st = spg_status(r);
+    bool ok = st == ST_OK && PQntuples(r->results[0]) == 1;
+    ((got_fn)c->fn)(st, ok && spg_bool(r->results[0], 0, 0), ok ? (int)spg_int(r->results[0], 0, 1) : 0, c->arg);
+    free(c);
+}
+
+int store_node_lock(const char *node, void (*cb)(st_status st, bool got, int pid, void *), void *arg)
 {
     const char *params[1] = { node };
     spg_call *c = spg_call_new((store_any_fn)cb, arg);
     if (!c)
         return STORE_OVERLOADED;
-    int rc = pgpool_query_params(lock_pool(), "SELECT pg_try_advisory_lock(" LOCK_CLASS ", hashtext($1))", 1, params,
-                                 bool_cb, c);
+    int rc = pgpool_query_params(lock_pool(), "SELECT pg_try_advisory_lock(" LOCK_CLASS ", hashtext($1)), pg_backend_pid()",
+                                 1, params, got_cb, c);
     if (rc == PGPOOL_QUEUED)
         return STORE_QUEUED;
     free(c);
@@ -71,6 +82,122 @@ int store_node_alive(store_chan ch, const char *node, void (*cb)(st_status st, b
                       1, params, bool_cb, spg_call_new((store_any_fn)cb, arg));
 }
 
+#define LOCK_MATCH \
+    "locktype = 'advisory' AND classid = " LOCK_CLASS " AND objsubid = 2 AND granted " \
+    "AND objid = (hashtext($1)::bigint & 4294967295)::oid AND database = (SELECT oid FROM pg_database " \
+    "WHERE datname = current_database())"
+
+typedef void (*check_fn)(st_status, int, bool, void *);
+
+static void lock_check_cb(const pgpool_reply *r, void *arg)
+{
+    spg_call *c = arg;
+    st_status st = spg_status(r);
+    bool ok = st == ST_OK && PQntuples(r->results[0]) == 1;
+    ((check_fn)c->fn)(st, ok ? (int)spg_int(r->results[0], 0, 0) : 0, ok && spg_bool(r->results[0], 0, 1), c->arg);
+    free(c);
+}
+
+int store_node_lock_check(const char *node, void (*cb)(st_status st, int my_pid, bool held_by_me, void *), void *arg)
+{
+    const char *params[1] = { node };
+    spg_call *c = spg_call_new((store_any_fn)cb, arg);
+    if (!c)
+        return STORE_OVERLOADED;
+    int rc = pgpool_query_params(lock_pool(),
+                                 "SELECT pg_backend_pid(), EXISTS (SELECT 1 FROM pg_locks WHERE " LOCK_MATCH
+                                 " AND pid = pg_backend_pid())", 1, params, lock_check_cb, c);
+    if (rc == PGPOOL_QUEUED)
+        return STORE_QUEUED;
+    free(c);
+    return rc == PGPOOL_UNAVAILABLE ? STORE_UNAVAILABLE : STORE_OVERLOADED;
+}
+
+typedef void (*holder_fn)(st_status, int, int, void *);
+
+static void holder_cb(const pgpool_reply *r, void *arg)
+{
+    spg_call *c = arg;
+    st_status st = spg_status(r);
+    bool ok = st == ST_OK && PQntuples(r->results[0]) == 1;
+    ((holder_fn)c->fn)(st, ok ? (int)spg_int(r->results[0], 0, 0) : 0, ok ? (int)spg_int(r->results[0], 0, 1) : 0,
+                       c->arg);
+    free(c);
+}
+
+int store_node_lock_holder(store_chan ch, const char *node,
+                           void (*cb)(st_status st, int my_pid, int holder_pid, void *), void *arg)
+{
+    const char *params[1] = { node };
+    return spg_params(ch,
+                      "SELECT pg_backend_pid(), coalesce((SELECT max(pid) FROM pg_locks WHERE " LOCK_MATCH "), 0)",
+                      1, params, holder_cb, spg_call_new((store_any_fn)cb, arg));
+}
+
+static void evict_cb(const pgpool_reply *r, void *arg)
+{
+    (void)arg;
+    /* Under transaction pooling the statement may run on the very backend
+     * it ends (57P01): that is the eviction too. */
+    if (r->status != PGQ_OK && r->status != PGQ_SHUTDOWN && strcmp(r->sqlstate, "57P01") != 0 && !spg_closing())
+        log_warn("store event=node_lock_evict_failed error=\"%s\"", r->errmsg);
+}
+
+void store_node_lock_evict(const char *node, int holder_pid)
+{
+    char pid[16];
+    snprintf(pid, sizeof(pid), "%d", holder_pid);
+    const char *params[2] = { node, pid };
+    if (pgpool_query_params(spg_pool(CH_REC),
+                            "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE " LOCK_MATCH " AND pid = $2::integer",
+                            2, params, evict_cb, NULL) != PGPOOL_QUEUED)
+        log_warn("store event=node_lock_evict_failed error=\"not sent\"");
+}
+
+/* ---------------------------------------------------------------- replication safety */
+
+typedef void (*repl_fn)(const store_replication *, void *);
+
+static void replication_cb(const pgpool_reply *r, void *arg)
+{
+    spg_call *c = arg;
+    store_replication f = { .st = spg_status(r), .errmsg = r->errmsg, .sync_names = "", .sync_commit = "",
+                            .standby_list = "" };
+    if (f.st == ST_OK && PQntuples(r->results[0]) == 1) {
+        const PGresult *res = r->results[0];
+        f.in_recovery = spg_bool(res, 0, 0);
+        f.sync_names = PQgetvalue(res, 0, 1);
+        f.sync_commit = PQgetvalue(res, 0, 2);
+        f.standbys = (int)spg_int(res, 0, 3);
+        f.sync_standbys = PQgetisnull(res, 0, 4) ? -1 : (int)spg_int(res, 0, 4);
+        f.standby_list = PQgetvalue(res, 0, 5);
+    } else if (f.st == ST_OK) {
+        f.st = ST_ERROR;
+        f.errmsg = "replication query returned no row";
+    }
+    ((repl_fn)c->fn)(&f, c->arg);
+    free(c);
+}
+
+int store_replication_facts(void (*cb)(const store_replication *, void *), void *arg)
+{
+    /* pg_stat_replication shows every walsender to anyone, but its state
+     * columns only to roles with pg_read_all_stats (pg_monitor): without,
+     * sync_state is NULL and sync_standbys comes back NULL. A base backup's
+     * walsenders (pg_basebackup) are not standbys. */
+    static const char sql[] =
+        "WITH s AS (SELECT * FROM pg_stat_replication WHERE coalesce(state, '') <> 'backup' "
+        "             AND application_name IS DISTINCT FROM 'pg_basebackup') "
+        "SELECT pg_is_in_recovery(), current_setting('synchronous_standby_names'), "
+        "       current_setting('synchronous_commit'), "
+        "       (SELECT count(*) FROM s), "
+        "       (SELECT CASE WHEN count(*) > 0 AND count(sync_state) = 0 THEN NULL "
+        "               ELSE count(*) FILTER (WHERE sync_state IN ('sync', 'quorum')) END FROM s), "
+        "       coalesce((SELECT string_agg(coalesce(nullif(application_name, ''), '?') || ':' || "
+        "                  coalesce(state, '?') || ':' || coalesce(sync_state, '?'), ',' ORDER BY application_name) "
+        "                  FROM s), '')";
+    return spg_query(CH_REC, sql, replication_cb, spg_call_new((store_any_fn)cb, arg));
+}
 
 /* ---------------------------------------------------------------- recovery list */
 

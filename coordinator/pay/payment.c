@@ -52,6 +52,12 @@
  * the processor side (steps 4 and 5); answers.c what waiting clients are
  * told. payment_int.h is what they share.
  *
+ * Failover: every database step that decides something (the debit, COMMIT
+ * or ROLLBACK PREPARED) waits while the node lock is not held, e.g. after the
+ * primary died and before the lock is taken again on the new one; taking the
+ * lock then runs every payment waiting on the database at once
+ * (pay_lock_changed) instead of after its backoff.
+ *
  * Every state that waits for something has the payment's one timer armed or
  * a callback outstanding: no payment stays in memory without something that
  * moves it on. pm_set_state() is the only writer of a payment's state and of
@@ -63,6 +69,7 @@
 #include "backoff.h"
 #include "circuit.h"
 #include "ctx.h"
+#include "dbsafety.h"
 #include "failpoint.h"
 #include "gid.h"
 #include "log.h"
@@ -295,6 +302,17 @@ static void phase1_cb(const store_p1 *res, void *arg);
 static void start_phase1(payment *p)
 {
     pm_set_state(p, PS_PHASE1);
+    if (!rec_node_locked()) {
+        /* Lost with the database (a failover?): debit again only under the
+         * lock, which pay_lock_changed() says is back. */
+        if (!p->intent_written) {
+            end_refused(p, PROTO_ERR_UNAVAILABLE, "this daemon lost its node lock (database failover?); "
+                                                  "nothing was charged");
+            return;
+        }
+        pm_retry(p, 100, 1000, start_phase1);
+        return;
+    }
     FAILPOINT("before_debit", p->key);
     store_pay sp;
     fill_store_pay(p, &sp);
@@ -477,6 +495,10 @@ static void record_cb(bool ok, void *arg);
 void pm_start_finish(payment *p)
 {
     pm_set_state(p, p->dec == DEC_COMMIT ? PS_COMMIT : PS_ROLLBACK);
+    if (!rec_node_locked()) {        /* settle only under the node lock (see the header) */
+        pm_retry(p, 100, 1000, pm_start_finish);
+        return;
+    }
     if (store_finish(CH_PAY, p->gid, p->dec == DEC_COMMIT, finish_cb, p) != STORE_QUEUED)
         pm_retry(p, 100, 5000, pm_start_finish);
 }
@@ -787,9 +809,19 @@ void pay_handle_pay(pc_request *r)
         return;
     }
     if (!rec_node_locked()) {
-        req_reply_err(r, PROTO_ERR_UNAVAILABLE,
-                      "this daemon does not hold its node lock (starting, or another daemon runs with node_id %s); "
-                      "nothing was charged", D->cfg.node_id);
+        if (nodelock_get_state() == NODELOCK_POOLED)
+            req_reply_err(r, PROTO_ERR_UNAVAILABLE,
+                          "the database connection goes through a pooler in transaction mode (pgbouncer pool_mode = "
+                          "transaction?): the node lock cannot hold there; use session pooling; nothing was charged");
+        else
+            req_reply_err(r, PROTO_ERR_UNAVAILABLE,
+                          "this daemon does not hold its node lock (starting, a database failover, or another daemon "
+                          "runs with node_id %s); nothing was charged", D->cfg.node_id);
+        return;
+    }
+    const char *unsafe = NULL;
+    if (!dbsafety_payments_allowed(&unsafe)) {
+        req_reply_err(r, PROTO_ERR_UNAVAILABLE, "%s", unsafe);
         return;
     }
     if (D->max_prepared_server <= 0) {
@@ -842,6 +874,31 @@ void pay_handle_pay(pc_request *r)
     pm_after(p, D->cfg.queue_timeout_ms, queue_timeout);
 }
 
+/* ---------------------------------------------------------------- failover */
+
+/* The node lock was taken (again): payments whose database step waits out a
+ * backoff (phase 1 or 2, a fence, a check, a settle, a flag) go now. */
+static void pay_lock_changed(bool locked)
+{
+    static const pay_state waiting_on_db[] = { PS_PHASE1, PS_FENCE, PS_COMMIT, PS_ROLLBACK,
+                                               PS_CHECK, PS_SETTLE, PS_FLAG, PS_HANDOFF };
+    if (!locked)
+        return;
+    int kicked = 0;
+    for (size_t i = 0; i < PC_ARRAY_LEN(waiting_on_db); i++) {
+        pc_list *n, *tmp;
+        list_each_safe(&by_state[waiting_on_db[i]], n, tmp) {
+            payment *p = list_entry(n, payment, state_link);
+            if (p->on_timer && loop_timer_pending(&p->timer)) {
+                loop_timer_start(&p->timer, 0);
+                kicked++;
+            }
+        }
+    }
+    if (kicked)
+        log_info("payment event=resumed_after_node_lock count=%d", kicked);
+}
+
 /* ---------------------------------------------------------------- init */
 
 int pay_init(void)
@@ -855,7 +912,7 @@ int pay_init(void)
     in_flight = prepared = 0;
     pm_answers_init();
     circuit_reset();
-    return (by_key && by_id) ? 0 : -1;
+    return (by_key && by_id && nodelock_watch(pay_lock_changed) == 0) ? 0 : -1;
 }
 
 void pay_shutdown(bool answer)

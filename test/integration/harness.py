@@ -38,7 +38,10 @@ def wait_for(pred, timeout=10.0, interval=0.02, what="condition"):
 # --------------------------------------------------------------- PostgreSQL
 
 class Postgres:
-    """A private cluster made by test/pg.sh, Unix socket only."""
+    """A private cluster made by test/pg.sh, Unix socket only. With
+    PC_TEST_PGBOUNCER=session the daemons reach it through pgbouncer in that
+    pooling mode (test/ha/pgbouncer.py; the tests' own connections stay
+    direct): daemon_conninfo is what a daemon is given."""
 
     def __init__(self, max_prepared=1000):
         self.dir = tempfile.mkdtemp(prefix="pc-it-pg-")
@@ -46,6 +49,8 @@ class Postgres:
         self.env = dict(os.environ, PC_PG_MAX_PREPARED=str(max_prepared), PC_PG_FSYNC="off")
         self.sock = os.path.join(self.dir, "sock")
         self.conninfo = f"host={self.sock} dbname=paycoord user=postgres"
+        self.daemon_conninfo = self.conninfo
+        self.bouncer = None
 
     def _pg(self, *args):
         subprocess.run([PG_SH, *args, self.dir], check=True, env=self.env,
@@ -53,6 +58,13 @@ class Postgres:
 
     def start(self):
         self._pg("start")
+        mode = os.environ.get("PC_TEST_PGBOUNCER")
+        if mode and self.bouncer is None:
+            import sys
+            sys.path.insert(0, os.path.join(SRC, "test", "ha"))
+            from pgbouncer import PgBouncer
+            self.bouncer = PgBouncer(self.sock, mode=mode, workdir=self.dir).start()
+            self.daemon_conninfo = self.bouncer.conninfo
 
     def migrate(self):
         self._pg("migrate")
@@ -67,6 +79,8 @@ class Postgres:
         self._pg("restart")
 
     def destroy(self):
+        if self.bouncer:
+            self.bouncer.stop()
         try:
             self.stop()
         finally:
@@ -276,7 +290,7 @@ class Daemon:
         self.log = os.path.join(workdir, "paycoord.log")
         self.settings = {
             "listen_socket": self.socket,
-            "db_conninfo": pg.conninfo,
+            "db_conninfo": getattr(pg, "daemon_conninfo", pg.conninfo),
             "pool_size": 4,
             "node_id": "t1",
             "processor_url": psp.url if psp else "http://127.0.0.1:9",

@@ -487,6 +487,18 @@ void sim_db_run(call *c)
         break;
     case K_LOCK:
         c->r_b = true;                 /* one node in the model: its lock is free */
+        c->r_i = 1;                    /* the lock session's backend */
+        break;
+    case K_LOCKCHK:
+        c->r_b = true;                 /* held by the lock session's own backend (no pooler) */
+        c->r_i = 1;
+        break;
+    case K_HOLDER:
+        c->r_i = 2;                    /* another connection's backend */
+        c->r_l = 1;                    /* the holder: the lock session's */
+        break;
+    case K_EVICT:
+    case K_REPL:
         break;
     case K_UNLOCK:
         break;
@@ -554,6 +566,7 @@ void sim_db_reset(void)
 void sim_db_set_faults(const sim_db_faults *f) { faults = *f; }
 bool sim_db_up(void) { return up; }
 uint64_t sim_db_gen(void) { return db_gen; }
+bool sim_db_has_standby(void) { return have_standby; }
 const sim_db_faults *sim_db_faults_get(void) { return &faults; }
 
 static void db_back(void *arg)
@@ -577,6 +590,7 @@ void sim_db_failover(int64_t down_us)
 {
     if (have_standby)
         flushed = standby;
+    have_standby = false;              /* the promoted standby has none of its own */
     sim_db_crash(down_us);
 }
 

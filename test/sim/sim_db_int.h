@@ -67,7 +67,7 @@ typedef struct dbstate {
 typedef enum {
     K_PHASE1, K_FACTS, K_FINISH, K_SETTLE, K_RECORD, K_FLAG, K_NOTE, K_FORGET, K_REF, K_BY_KEY, K_BY_ID,
     K_BALANCE, K_OPEN, K_CREDIT, K_CREDIT_BY_KEY, K_APPLY, K_APPLY_ALL, K_MAXPREP, K_COUNT, K_LOCK, K_UNLOCK,
-    K_ALIVE, K_LIST, K_MARK, K_PLIST, K_RBEGIN, K_REND
+    K_ALIVE, K_LIST, K_MARK, K_PLIST, K_RBEGIN, K_REND, K_LOCKCHK, K_HOLDER, K_EVICT, K_REPL
 } kind;
 
 typedef enum { F_OK = 0, F_LOST_BEFORE, F_LOST_AFTER, F_ZOMBIE, F_PARTIAL } fate;
@@ -126,6 +126,8 @@ void sim_db_run(call *c);
 /* The server's generation: a crash bumps it, and calls of an older one are void. */
 uint64_t sim_db_gen(void);
 const sim_db_faults *sim_db_faults_get(void);
+/* Whether the primary has a standby now (an asynchronous one, in failover seeds). */
+bool sim_db_has_standby(void);
 
 /* ---------------------------------------------------------------- the store (sim_store.c) */
 

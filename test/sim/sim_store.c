@@ -106,7 +106,7 @@ static int submit(call *c)
     }
     in_flight++;
     const sim_db_faults *faults = sim_db_faults_get();
-    bool lossy = c->k != K_LOCK && c->k != K_UNLOCK;
+    bool lossy = c->k != K_LOCK && c->k != K_UNLOCK && c->k != K_LOCKCHK;
     if (lossy && sim_chance(faults->lost_before))
         c->fate = F_LOST_BEFORE;
     else if (lossy && sim_chance(faults->lost_after))
@@ -301,9 +301,32 @@ static void deliver_answer(call *c)
         CB(void (*)(st_status, int, double, void *), c)(st, c->r_i, 0.0, c->arg);
         break;
     case K_LOCK:
+        CB(void (*)(st_status, bool, int, void *), c)(st, c->r_b, c->r_i, c->arg);
+        break;
     case K_ALIVE:
         CB(void (*)(st_status, bool, void *), c)(st, c->r_b, c->arg);
         break;
+    case K_LOCKCHK:
+        CB(void (*)(st_status, int, bool, void *), c)(st, c->r_i, c->r_b, c->arg);
+        break;
+    case K_HOLDER:
+        CB(void (*)(st_status, int, int, void *), c)(st, c->r_i, (int)c->r_l, c->arg);
+        break;
+    case K_EVICT:
+        break;
+    case K_REPL: {
+        /* The model's primary has a standby only in the seeds that fail over
+         * to an asynchronous one, from its snapshot to the failover. */
+        store_replication f = { .st = st, .errmsg = "", .sync_names = "", .sync_commit = "on",
+                                .standby_list = "" };
+        if (st == ST_OK && sim_db_has_standby()) {
+            f.standbys = 1;
+            f.sync_standbys = 0;
+            f.standby_list = "standby:streaming:async";
+        }
+        CB(void (*)(const store_replication *, void *), c)(&f, c->arg);
+        break;
+    }
     case K_LIST: {
         store_rec_list l = { .st = st, .errmsg = "" };
         store_rec_item items[MAXX + MAXP];
@@ -607,11 +630,40 @@ int store_prepared_count(const char *node, void (*cb)(st_status st, int count, d
     return submit(new_call(K_COUNT, FN(cb), arg));
 }
 
-int store_node_lock(const char *node, void (*cb)(st_status st, bool got, void *), void *arg)
+int store_node_lock(const char *node, void (*cb)(st_status st, bool got, int pid, void *), void *arg)
 {
     call *c = new_call(K_LOCK, FN(cb), arg);
     CPY(c->s1, node);
     return submit(c);
+}
+
+int store_node_lock_check(const char *node, void (*cb)(st_status st, int my_pid, bool held_by_me, void *), void *arg)
+{
+    call *c = new_call(K_LOCKCHK, FN(cb), arg);
+    CPY(c->s1, node);
+    return submit(c);
+}
+
+int store_node_lock_holder(store_chan ch, const char *node,
+                           void (*cb)(st_status st, int my_pid, int holder_pid, void *), void *arg)
+{
+    (void)ch;
+    call *c = new_call(K_HOLDER, FN(cb), arg);
+    CPY(c->s1, node);
+    return submit(c);
+}
+
+void store_node_lock_evict(const char *node, int holder_pid)
+{
+    call *c = new_call(K_EVICT, NULL, NULL);
+    CPY(c->s1, node);
+    c->n1 = holder_pid;
+    (void)submit(c);
+}
+
+int store_replication_facts(void (*cb)(const store_replication *, void *), void *arg)
+{
+    return submit(new_call(K_REPL, FN(cb), arg));
 }
 
 int store_node_unlock(const char *node)

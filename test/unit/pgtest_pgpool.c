@@ -265,6 +265,79 @@ static void test_conninfo_overrides(void **state)
     pgpool_free(p);
 }
 
+/* The session settings are a statement run before the first query
+ * (pgbouncer refuses startup options): lock_timeout holds on every
+ * connection, and a user's own options still reach the server. */
+static void test_session_settings(void **state)
+{
+    pgpool_config cfg = cfg_default(2);
+    rec a = { 0 }, b = { 0 };
+    cfg.lock_timeout_ms = 321;
+    cfg.conninfo = "options='-c statement_timeout=4321'";
+    cfg.keepalives_idle_s = 3;          /* ignored on a Unix socket: must not break it */
+    cfg.tcp_user_timeout_ms = 4000;
+    pgpool *p = pool_up(cfg);
+    for (int i = 0; i < 2; i++)
+        assert_int_equal(submit(p, "SELECT current_setting('lock_timeout'), current_setting('statement_timeout'), "
+                                   "current_setting('standard_conforming_strings'), pg_sleep(0.05)",
+                                i ? &b : &a), PGPOOL_QUEUED);
+    assert_true(wait_until(p, W_DONE, 2, 5000));
+    for (int i = 0; i < 2; i++) {
+        rec *x = i ? &b : &a;
+        assert_int_equal(x->status, PGQ_OK);
+        assert_string_equal(x->cell[0], "321ms");
+        assert_string_equal(x->cell[1], "4321ms");
+        assert_string_equal(x->cell[2], "on");
+    }
+    pgpool_free(p);
+}
+
+/* A multi-host conninfo: the first host is dead, libpq goes on to the next. */
+static void test_multi_host(void **state)
+{
+    const char *pghost = getenv("PGHOST");
+    char conninfo[512];
+    rec a = { 0 };
+    if (!pghost || pghost[0] != '/') {
+        print_message("PGHOST is not a socket directory: skipping\n");
+        skip();
+    }
+    snprintf(conninfo, sizeof(conninfo), "host=/nonexistent/pgpool-test,%s target_session_attrs=read-write", pghost);
+    pgpool_config cfg = cfg_default(1);
+    cfg.conninfo = conninfo;
+    pgpool *p = pool_up(cfg);
+    assert_int_equal(submit(p, "SELECT pg_is_in_recovery()", &a), PGPOOL_QUEUED);
+    assert_true(wait_until(p, W_DONE, 1, 5000));
+    assert_int_equal(a.status, PGQ_OK);
+    assert_string_equal(a.cell[0], "f");
+    pgpool_free(p);
+}
+
+/* pgpool_wake: slots waiting out a long backoff try at once. */
+static void test_wake(void **state)
+{
+    char dir[] = "/tmp/pgpool-wk-XXXXXX";
+    char conninfo[128];
+    assert_non_null(mkdtemp(dir));
+    pgpool_config cfg = cfg_default(2);
+    snprintf(conninfo, sizeof(conninfo), "host=%s dbname=x user=x", dir);
+    cfg.conninfo = conninfo;
+    cfg.reconnect_min_ms = 5000;
+    cfg.reconnect_max_ms = 10000;
+    pgpool *p = pgpool_new(g_base, &cfg);
+    assert_non_null(p);
+    pump(100);
+    pgpool_counters st;
+    pgpool_stats(p, &st);
+    assert_int_equal(st.connect_failures, 2);    /* one each, then a backoff of >= 5 s */
+    pgpool_wake(p);
+    pump(100);
+    pgpool_stats(p, &st);
+    assert_int_equal(st.connect_failures, 4);
+    pgpool_free(p);
+    rmdir(dir);
+}
+
 static void test_multi_statement_2pc(void **state)
 {
     pgpool *p = pool_up(cfg_default(1));
@@ -776,6 +849,9 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_simple_query, setup, teardown),
         cmocka_unit_test_setup_teardown(test_conninfo_overrides, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_session_settings, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_multi_host, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_wake, setup, teardown),
         cmocka_unit_test_setup_teardown(test_multi_statement_2pc, setup, teardown),
         cmocka_unit_test_setup_teardown(test_error_mid_transaction, setup, teardown),
         cmocka_unit_test_setup_teardown(test_query_params, setup, teardown),
