@@ -569,7 +569,7 @@ int store_balance(const char *account, void (*cb)(const store_balance_row *, voi
      * ours is always a real debit: insufficient funds is never prepared). */
     static const char sql[] =
         "SELECT a.currency, a.balance::text, "
-        "  (SELECT coalesce(sum(p.amount), 0)::text FROM payments p JOIN pg_prepared_xacts x ON x.gid = p.gid "
+        "  (SELECT coalesce(sum(p.amount), 0)::text FROM pg_prepared_xacts x JOIN payments p ON p.gid = x.gid "
         "    WHERE p.account_id = a.id AND p.status = 'pending'), "
         "  (SELECT coalesce(sum(c.amount), 0)::text FROM credits c "
         "    WHERE c.account_id = a.id AND c.status = 'accepted') "

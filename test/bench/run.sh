@@ -589,7 +589,7 @@ if want sqlvariants; then
     # (every intent adds an entry to each, and while they exist the batched
     # status UPDATE can never be HOT: it adds an entry to every index).
     psqlq -d postgres -c "CREATE DATABASE paycoord_nopartial TEMPLATE paycoord" >/dev/null
-    psqlq -d paycoord_nopartial -c "DROP INDEX payments_pending; DROP INDEX payments_node_pending" >/dev/null
+    psqlq -d paycoord_nopartial -c "DROP INDEX IF EXISTS payments_pending; DROP INDEX payments_node_pending" >/dev/null
     # Copies with room on each payments page (fillfactor 80), so that the
     # processor_ref UPDATE can be HOT (no new index entries); with the
     # partial indexes dropped too, the batched status UPDATE as well.
