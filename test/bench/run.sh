@@ -53,7 +53,8 @@
 #                           settings it does not know are left out (and said)
 #   BENCH_SCENARIOS ["pgbench s1 pools s2 s3 s4 profile"]  which parts to run; also
 #                           "sqlvariants": pgbench prices of parts of the daemon's SQL,
-#                           "s2x": where S2's throughput goes
+#                           "s2x": where S2's throughput goes, "pgprofile": perf of
+#                           PostgreSQL's processes under S1 and S2
 set -Eeuo pipefail
 
 src=$(cd "$(dirname "$0")/../.." && pwd)
@@ -653,13 +654,43 @@ if want profile && [ "$profile" = 1 ] && command -v perf >/dev/null; then
     echo "profile: $out/profile-self.txt, profile-dso.txt, profile-children.txt" >&2
 fi
 
-# ------------------------------------------------------------------ S3b (last: it can crash the daemon)
-# A payment that waits in its account's queue keeps its queue_timeout_ms timer
-# after it leaves the queue (payment.c account_next), so a payment that waited
-# long fires "queue timeout" while it is already being charged: its client is
-# told `overloaded` and the freed payment is used again (seen: "double free or
-# corruption"). Run last so the prepared debits a crash leaves behind cannot
-# lock the accounts of other scenarios.
+# ------------------------------------------------------------------ PostgreSQL's profile (optional)
+# Where PostgreSQL's CPU goes with 1000 payments in flight at a 200 ms
+# processor (S2) against the same daemon at latency 0 (S1): perf record of
+# the whole machine, PostgreSQL's processes only in the report, self time by
+# symbol (BENCH_SCENARIOS=pgprofile).
+pg_profile() {   # pg_profile NAME [daemon_run arguments...]
+    local name=$1
+    shift
+    (sleep 4; perf record -e cpu-clock -F 499 -a -g -o "$work/perf-$name.data" -- sleep 5 \
+        >"$work/perf-$name.log" 2>&1) &
+    local rec=$!
+    daemon_run "$name" "$@"
+    wait "$rec" 2>/dev/null || true
+    perf report -i "$work/perf-$name.data" --stdio --no-children --comm postgres --sort symbol -g none \
+        --percent-limit 0.7 2>/dev/null | grep '%' | sed 's/ *- *- *$//' >"$out/pgprofile-$name.txt" || true
+    perf report -i "$work/perf-$name.data" --stdio --no-children --sort comm -g none 2>/dev/null \
+        | grep '%' >"$out/pgprofile-$name-comm.txt" || true
+}
+if want pgprofile && command -v perf >/dev/null; then
+    vacuum_tables
+    sim_reset
+    say "pgprofile: PostgreSQL under S1 (latency 0, c$maxc), then under S2 (200 ms, 1000 in flight)"
+    pg_profile "pgprof-s1" "$pool" 64 "" --connections "$maxc" --depth 1 --accounts "$naccts" \
+        --duration 10 --warmup 2
+    sim_control '{"latency_ms":200}'
+    pg_profile "pgprof-s2" "$pool" 1100 "" --connections 10 --depth 100 --account-mode slot \
+        --accounts "$naccts" --duration 10 --warmup 3
+    sim_reset
+    echo "pgprofile: $out/pgprofile-*.txt" >&2
+fi
+
+# ------------------------------------------------------------------ S3b (last)
+# Queues that outlast queue_timeout_ms: the payments that waited too long are
+# answered `overloaded` (nothing charged). It ran last when 0.1 could crash
+# here (a queue timer left armed after the payment left the queue); it stays
+# last so that anything it leaves prepared cannot lock other scenarios'
+# accounts.
 if want s3; then
     say "S3b: hot accounts, processor latency 200 ms, 640 clients on 10 accounts (queues exceed queue_timeout_ms)"
     sim_control '{"latency_ms":200}'
