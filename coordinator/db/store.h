@@ -306,6 +306,14 @@ typedef struct store_rec_item {
     int64_t since_deadline_ms;     /* since the payment's deadline (negative before it; age_ms without a row):
                                       no create of it is sent after its deadline */
     int attempts;                  /* recorded attempts */
+    /* The payment as it was sent to the processor (a replay must send the
+     * same): empty / 0 / NULL without a row. */
+    const char *processor_ref;     /* NULL: none known */
+    const char *account;
+    const char *currency;
+    const char *reference;         /* NULL: none */
+    const cJSON *metadata;         /* NULL: none */
+    int64_t amount;
 } store_rec_item;
 
 typedef struct store_rec_list {

@@ -283,7 +283,9 @@ static int m_cancel(const proc_req *req, proc_cb cb, void *arg) { return submit(
 static int m_in_flight(void) { return in_flight; }
 static void m_shutdown(void) {}
 
-static const proc_adapter model = { "simulation", m_create, m_get, m_cancel, m_in_flight, m_shutdown };
+static const proc_caps model_caps = { .get = PROC_GET_BY_KEY, .cancel = PROC_CANCEL_BY_KEY, .key_max = 255 };
+static const proc_adapter model = { .name = "simulation", .create = m_create, .get = m_get, .cancel = m_cancel,
+                                    .in_flight = m_in_flight, .shutdown = m_shutdown, .caps = &model_caps };
 
 void sim_psp_install(void) { proc_use(&model); }
 int sim_psp_in_flight(void) { return in_flight; }
