@@ -1,9 +1,13 @@
 /* proc_util.c - helpers the processor adapters share (proc_util.h). */
 #include "proc_util.h"
 
+#include <errno.h>
+#include <openssl/evp.h>
+#include <openssl/hmac.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 const char *proc_log_value(char *buf, size_t size, const char *s)
 {
@@ -105,4 +109,37 @@ int proc_meta_sorted(const cJSON *meta, const char **keys, const char **values, 
         values[i] = it->valuestring;
     }
     return n;
+}
+
+bool proc_hmac_sha256(const unsigned char *key, size_t klen, const void *msg, size_t len, unsigned char out[32])
+{
+    static const unsigned char empty = 0;
+    unsigned int outlen = 32;
+    return HMAC(EVP_sha256(), klen ? key : &empty, (int)klen, msg, len, out, &outlen) != NULL && outlen == 32;
+}
+
+int proc_read_secret(const char *what, const char *path, char *out, size_t size, char *err, size_t errlen)
+{
+    FILE *f = fopen(path, "r");
+    if (!f) {
+        snprintf(err, errlen, "%s: %s: %s", what, path, strerror(errno));
+        return -1;
+    }
+    struct stat st;
+    if (fstat(fileno(f), &st) != 0 || (st.st_mode & (S_IROTH | S_IWOTH))) {
+        snprintf(err, errlen, "%s: %s is readable or writable by others; chmod o-rw it", what, path);
+        fclose(f);
+        return -1;
+    }
+    size_t n = fread(out, 1, size - 1, f);
+    bool more = fgetc(f) != EOF;
+    fclose(f);
+    out[n] = '\0';
+    while (n && (out[n - 1] == '\n' || out[n - 1] == '\r' || out[n - 1] == ' ' || out[n - 1] == '\t'))
+        out[--n] = '\0';
+    if (more || !n || strpbrk(out, "\r\n")) {
+        snprintf(err, errlen, "%s: %s must hold one non-empty line of at most %zu bytes", what, path, size - 1);
+        return -1;
+    }
+    return 0;
 }

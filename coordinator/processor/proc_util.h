@@ -32,6 +32,15 @@ void proc_form_add(sbuf *b, const char *key, const char *value);
 /* Percent-encode s for one path segment into b. */
 void proc_path_escape(sbuf *b, const char *s);
 
+/* HMAC-SHA256 (OpenSSL libcrypto) of msg[len] with key[klen] into out[32]. */
+bool proc_hmac_sha256(const unsigned char *key, size_t klen, const void *msg, size_t len, unsigned char out[32]);
+
+/* Read a secret file (one line; trailing whitespace dropped) into out[size].
+ * Refused (err says why) when it is missing, empty, longer than size - 1, or
+ * readable or writable by others. Startup only: it blocks. */
+int proc_read_secret(const char *what, const char *path, char *out, size_t size, char *err, size_t errlen)
+    PC_MUSTCHECK;
+
 /* The string members of a metadata object in byte order of their keys:
  * fills keys[]/values[] (at most max), returns how many. Non-string members
  * and empty keys are skipped. */
