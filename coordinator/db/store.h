@@ -332,6 +332,39 @@ int store_rec_list_node(const char *node, void (*cb)(const store_rec_list *, voi
 int store_rec_mark_succeeded(const char *payment_id, const char *processor_ref, void (*cb)(st_status st, void *),
                              void *arg) PC_MUSTCHECK;
 
+/* ------------------------------------------------------------ processor events */
+
+/* One webhook event (proc.h's proc_event, as stored: NULL for none). */
+typedef struct store_event {
+    const char *event_id;          /* the deduplication key */
+    const char *processor;         /* "stripe" | "adyen" */
+    const char *gid, *processor_ref;
+    const char *kind;
+    const char *status;            /* succeeded | declined | pending | canceled | none */
+    bool success, is_cancel;
+    const char *reason;
+    const char *currency;
+    int64_t amount;
+    bool has_amount;
+} store_event;
+
+/* Durable: insert the events of one delivery (at most 64), each only once
+ * (an event_id already stored is a duplicate: nothing changes). cb gets ST_OK
+ * once they are flushed, with how many were new. */
+int store_save_events(const store_event *ev, int n, void (*cb)(st_status st, int fresh, void *), void *arg)
+    PC_MUSTCHECK;
+
+typedef struct store_event_list {
+    st_status st;
+    const char *errmsg;
+    int n;
+    const store_event *events;
+} store_event_list;
+
+/* The stored events of payments that may still need them: every gid with a
+ * prepared transaction or a 'pending' row, oldest first. */
+int store_load_events(void (*cb)(const store_event_list *, void *), void *arg) PC_MUSTCHECK;
+
 /* ------------------------------------------------------------ admin */
 
 typedef struct store_prepared_row {
