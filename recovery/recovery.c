@@ -16,8 +16,9 @@
  *    not found          -> cancel: the tombstone makes a late create charge
  *                          nothing, so rolling back is then safe
  *    unknown/5xx/auth   -> leave (backoff); never guess
- *    stuck              -> the adapter can learn nothing more by asking
- *                          (e.g. no deciding webhook in time): manual review
+ *    stuck, conflict    -> the adapter can learn nothing more by asking
+ *                          (e.g. no deciding webhook in time), or the key
+ *                          was used with other parameters: manual review
  *  (What "GET" means is the adapter's: by gid, by the processor's id, by
  *  replaying the identical create before the deadline, by a lagging search,
  *  or from the webhooks received; proc.h. Each item carries the payment as it
@@ -403,7 +404,7 @@ static void fill_req(const rec_item *it, proc_req *pr)
                       .processor_ref = it->processor_ref[0] ? it->processor_ref : NULL, .amount = it->amount,
                       .currency = it->currency[0] ? it->currency : NULL, .account = it->account[0] ? it->account : NULL,
                       .reference = it->reference, .metadata = it->metadata,
-                      .since_deadline_ms = it->since_deadline_ms };
+                      .since_deadline_ms = it->since_deadline_ms, .debit_held = it->prepared };
 }
 
 /* The processor's id of the payment, as soon as an answer carries it. */
@@ -494,6 +495,7 @@ static void get_cb(const proc_result *res, void *arg)
     case PROC_NOT_FOUND:
         item_cancel(it);
         return;
+    case PROC_CONFLICT:             /* a get that replays the create: our key, other parameters */
     case PROC_STUCK:
         item_stuck(it, res);
         return;

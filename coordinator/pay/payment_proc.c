@@ -27,7 +27,8 @@ static void fill_proc_req(const payment *p, proc_req *pr)
     *pr = (proc_req){ .gid = p->gid, .payment_id = p->payment_id,
                       .processor_ref = p->processor_ref[0] ? p->processor_ref : NULL, .amount = p->amount,
                       .currency = p->currency, .account = p->account, .reference = p->reference,
-                      .metadata = p->metadata, .since_deadline_ms = (int64_t)loop_now_ms() - (int64_t)deadline };
+                      .metadata = p->metadata, .since_deadline_ms = (int64_t)loop_now_ms() - (int64_t)deadline,
+                      .debit_held = true };
 }
 
 /* The adapter can learn nothing more by asking: a person decides. The debit
@@ -207,6 +208,7 @@ static void poll_cb(const proc_result *res, void *arg)
     case PROC_RATE_LIMITED:
         pm_start_poll(p, res->retry_after_ms > 0 ? res->retry_after_ms : D->cfg.processor_poll_ms);
         return;
+    case PROC_CONFLICT:             /* a get that replays the create (proc.h) */
     case PROC_STUCK:
         stuck(p, res);
         return;

@@ -87,6 +87,10 @@ typedef struct proc_req {
      * only sent before the deadline, a search that finds nothing is
      * conclusive only long enough after it). 0 (the default) counts as past. */
     int64_t since_deadline_ms;
+    /* A prepared debit holds the money for this payment, so a get() that
+     * replays the create (and so may perform it now) is allowed. False for a
+     * payment row without a debit: its create must never be sent. */
+    bool debit_held;
 } proc_req;
 
 /* How an adapter can learn a payment's outcome (bits of proc_caps.get). */

@@ -6,8 +6,9 @@
  *  get      1. by the pi_ id when it is known (an earlier answer, a webhook):
  *              GET /v1/payment_intents/{id}, the current status;
  *           2. else, before the payment's deadline (and so inside the key
- *              window: config requires the deadline to be shorter), replay
- *              the identical create with the same key: Stripe answers the
+ *              window: config requires the deadline to be shorter), and
+ *              only while a prepared debit holds the money, replay the
+ *              identical create with the same key: Stripe answers the
  *              stored result, or performs it now; either way the answer
  *              decides. A replayed 5xx (stored after execution began) stays
  *              unknown, so:
@@ -357,7 +358,7 @@ static int st_get(const proc_req *req, proc_cb cb, void *arg)
         return -1;
     if (o->pi[0])
         return start(o, STEP_RETRIEVE);
-    if (o->since_deadline_ms < 0 && make_body(o, req))
+    if (req->debit_held && o->since_deadline_ms < 0 && make_body(o, req))
         return start(o, STEP_REPLAY);
     return start(o, STEP_SEARCH);
 }
