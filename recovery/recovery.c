@@ -774,8 +774,11 @@ static void tick_cb(void *arg)
         schedule_tick(D->cfg.recovery_interval_ms);
         return;
     }
+    /* A pass that could not start (recovery's pool not connected yet, e.g.
+     * right after the node lock was taken at start) is tried again soon:
+     * readiness waits for the first pass. */
     if (!current && rec_run(D->cfg.node_id, false, false, NULL, NULL) != 0)
-        schedule_tick(D->cfg.recovery_interval_ms);
+        schedule_tick(D->cfg.recovery_interval_ms < 1000 ? D->cfg.recovery_interval_ms : 1000);
 }
 
 static void schedule_tick(int ms)

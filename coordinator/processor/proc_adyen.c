@@ -9,7 +9,12 @@
  *  get      Adyen has no call to read a payment back: the answer comes from
  *           the webhooks received (adyen_decide): the AUTHORISATION decides
  *           until shortly before the deadline; after it only the outcome of
- *           a technical cancel does, because one may be on its way.
+ *           a technical cancel does, because one may be on its way. While
+ *           no answer of Adyen's is known at all (no pspReference: the create
+ *           may never have reached it), before that margin and with a
+ *           prepared debit, get replays the create with the same key: Adyen
+ *           answers the stored result or performs it now, and the answer
+ *           decides (as the payment path's own retries do).
  *  cancel   the technical cancel by our reference (POST /cancels), answered
  *           "received"; its outcome is a TECHNICAL_CANCEL webhook. While it
  *           is awaited, cancel() answers pending without sending again; no
@@ -39,6 +44,7 @@ static const char *const op_names[] = { "create", "get", "cancel" };
 typedef struct aop {
     pc_list link;                  /* on deferred while its local answer waits for the loop */
     op_kind op;
+    bool replay;                   /* a get that replays the create */
     proc_cb cb;
     void *arg;
     char gid[208];
@@ -120,15 +126,19 @@ static void done_cb(const http_answer *a, void *arg)
         res.outcome = PROC_UNKNOWN;
         snprintf(res.error, sizeof(res.error), "%s", a->error);
         ok = !a->too_big;
-    } else if (o->op == OP_CREATE) {
+    } else if (o->op == OP_CREATE || o->replay) {
         ok = adyen_classify_payment(o->gid, o->amount, a->status, a->body, a->len, a->idempotency_key, &res);
+        if (o->replay && res.outcome == PROC_INVALID) {
+            /* e.g. the first request with the key still in flight: proves nothing */
+            res.outcome = PROC_UNKNOWN;
+        }
     } else {
         ok = adyen_classify_cancel(o->gid, a->status, a->body, a->len, &res, cancel_psp);
     }
     res.elapsed_ms = a->elapsed_ms;
     if (res.outcome == PROC_RATE_LIMITED)
         res.retry_after_ms = a->retry_after_ms;
-    log_answer(o, o->op == OP_CREATE ? "payments" : "cancels", &res, a);
+    log_answer(o, o->op == OP_CANCEL ? "cancels" : o->replay ? "payments_replay" : "payments", &res, a);
     if (!ok) {
         char gv[260];
         D->stats.processor_bad_answers++;
@@ -137,7 +147,7 @@ static void done_cb(const http_answer *a, void *arg)
     }
     proc_known *k = NULL;
     if (res.outcome == PROC_PAYMENT && (k = proc_known_put(o->gid)) != NULL) {
-        if (o->op == OP_CREATE && res.id[0])
+        if (o->op != OP_CANCEL && res.id[0])
             snprintf(k->ref, sizeof(k->ref), "%s", res.id);
         if (o->op == OP_CANCEL) {
             /* received: from now on cancel() waits for its webhook */
@@ -220,6 +230,22 @@ static int ad_get(const proc_req *req, proc_cb cb, void *arg)
     if (!o)
         return -1;
     decide_now(o);
+    const proc_known *k = proc_known_get(o->gid);
+    bool unheard = !(req->processor_ref && req->processor_ref[0]) && !(k && k->ref[0]);
+    if (events_loaded && o->res.outcome == PROC_PAYMENT && o->res.status == PROC_ST_PENDING && unheard &&
+        req->debit_held && o->since_deadline_ms < -ADYEN_AUTH_MARGIN_MS) {
+        /* Nothing of Adyen's heard yet: replay the create (same key). */
+        sbuf body;
+        sbuf_init(&body);
+        o->replay = true;
+        if (adyen_payment_body(req, D->cfg.adyen_merchant_account, &body) &&
+            send_json(o, "/payments", &body, true) == 0) {
+            sbuf_free(&body);
+            return 0;
+        }
+        sbuf_free(&body);
+        o->replay = false;
+    }
     log_answer(o, "webhooks", &o->res, NULL);
     return answer_later(o);
 }

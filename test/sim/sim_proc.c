@@ -18,7 +18,9 @@
  *           allowed for one awaiting action); no tombstones.
  *  adyen    replays answer the first answer (stale); no read-back: get and
  *           cancel decide from the webhooks delivered, with the adapter's own
- *           rule (adyen_decide, proc_adyen_api.c); AUTHORISATION webhooks go
+ *           rule (adyen_decide, proc_adyen_api.c), and get replays the create
+ *           while nothing of Adyen's was heard (before the deadline's margin,
+ *           with a debit held); AUTHORISATION webhooks go
  *           out when an outcome is known, TECHNICAL_CANCEL ones when a
  *           technical cancel is processed (it cancels a pending or authorised
  *           charge, fails for an unknown reference or a captured charge);
@@ -490,6 +492,13 @@ static void process(void *arg)
             stripe_get(q, &back);
             break;
         }
+        if (profile == SIM_PROFILE_ADYEN) {
+            /* get replays the create while nothing of Adyen's was heard */
+            do_create(q, &back);
+            if (r->outcome == PROC_INVALID)
+                unknown(r, "a replayed create refused: proves nothing");
+            break;
+        }
         if (!c) {
             r->outcome = PROC_NOT_FOUND;
             snprintf(r->error, sizeof(r->error), "not_found");
@@ -630,6 +639,10 @@ static int adyen_local(op o, const proc_req *req, proc_cb cb, void *arg)
     if (o == OP_CANCEL && now.outcome == PROC_PAYMENT && now.status == PROC_ST_PENDING &&
         !(e && e->k.cancel_sent_ms))
         return submit(OP_CANCEL, req, cb, arg);
+    bool unheard = !(req->processor_ref && req->processor_ref[0]) && !(e && e->k.ref[0]);
+    if (o == OP_GET && now.outcome == PROC_PAYMENT && now.status == PROC_ST_PENDING && unheard && req->debit_held &&
+        req->since_deadline_ms < -ADYEN_AUTH_MARGIN_MS)
+        return submit(OP_GET, req, cb, arg);
     if (o == OP_CANCEL && now.outcome == PROC_PAYMENT && now.status == PROC_ST_SUCCEEDED)
         now.outcome = PROC_ALREADY_SUCCEEDED;
     preq *q = req_new(OP_LOCAL, req, cb, arg);
