@@ -38,7 +38,7 @@
 #include <event2/http.h>
 #include <event2/keyvalq_struct.h>
 
-#define LOAD_RETRY_MS 1000
+#define LOAD_RETRY_MS 200
 
 /* One delivery waiting for its events to be stored. */
 typedef struct pending {

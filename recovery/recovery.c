@@ -774,6 +774,10 @@ static void tick_cb(void *arg)
         schedule_tick(D->cfg.recovery_interval_ms);
         return;
     }
+    if (!proc_ready()) {             /* e.g. the stored webhook events not loaded yet */
+        schedule_tick(100);
+        return;
+    }
     /* A pass that could not start (recovery's pool not connected yet, e.g.
      * right after the node lock was taken at start) is tried again soon:
      * readiness waits for the first pass. */

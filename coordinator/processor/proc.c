@@ -15,6 +15,7 @@ int proc_cancel(const proc_req *req, proc_cb cb, void *arg) { return adapter ? a
 int proc_in_flight(void) { return adapter ? adapter->in_flight() : 0; }
 const proc_caps *proc_caps_get(void) { return adapter ? adapter->caps : NULL; }
 const char *proc_webhook_header(void) { return adapter ? adapter->webhook_header : NULL; }
+bool proc_ready(void) { return !adapter || !adapter->ready || adapter->ready(); }
 
 void proc_shutdown(void)
 {

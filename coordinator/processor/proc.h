@@ -170,6 +170,8 @@ typedef struct proc_adapter {
     void (*events_loaded)(void);
     /* The signature header the webhook carries, or NULL. */
     const char *webhook_header;
+    /* Can it answer yet (Adyen: its stored webhook events are loaded)? NULL: always. */
+    bool (*ready)(void);
 } proc_adapter;
 
 void proc_use(const proc_adapter *a);
@@ -187,6 +189,9 @@ proc_wh_status proc_webhook(const proc_webhook_in *in, proc_event *events, int m
 void proc_event_record(const proc_event *ev);
 void proc_events_loaded(void);
 const char *proc_webhook_header(void);  /* NULL: none */
+/* The adapter can answer: recovery's passes wait for it (so the first pass,
+ * and readiness with it, never runs on a partial picture). */
+bool proc_ready(void);
 
 const char *proc_outcome_name(proc_outcome o);
 const char *proc_status_name(proc_status s);

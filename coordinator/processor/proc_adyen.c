@@ -9,12 +9,13 @@
  *  get      Adyen has no call to read a payment back: the answer comes from
  *           the webhooks received (adyen_decide): the AUTHORISATION decides
  *           until shortly before the deadline; after it only the outcome of
- *           a technical cancel does, because one may be on its way. While
- *           no answer of Adyen's is known at all (no pspReference: the create
- *           may never have reached it), before that margin and with a
- *           prepared debit, get replays the create with the same key: Adyen
- *           answers the stored result or performs it now, and the answer
- *           decides (as the payment path's own retries do).
+ *           a technical cancel does, because one may be on its way. Until
+ *           Adyen has answered "pending" (then only a webhook can tell more),
+ *           before that margin and with a prepared debit, get replays the
+ *           create with the same key: Adyen answers the stored result (or
+ *           performs it now, if it never reached Adyen), and a stored
+ *           Authorised or Refused decides, as the payment path's own retries
+ *           do.
  *  cancel   the technical cancel by our reference (POST /cancels), answered
  *           "received"; its outcome is a TECHNICAL_CANCEL webhook. While it
  *           is awaited, cancel() answers pending without sending again; no
@@ -149,6 +150,8 @@ static void done_cb(const http_answer *a, void *arg)
     if (res.outcome == PROC_PAYMENT && (k = proc_known_put(o->gid)) != NULL) {
         if (o->op != OP_CANCEL && res.id[0])
             snprintf(k->ref, sizeof(k->ref), "%s", res.id);
+        if (o->op != OP_CANCEL && res.status == PROC_ST_PENDING)
+            k->pending_answer = true;         /* only a webhook can tell more: no more replays */
         if (o->op == OP_CANCEL) {
             /* received: from now on cancel() waits for its webhook */
             snprintf(k->cancel_psp, sizeof(k->cancel_psp), "%s", cancel_psp);
@@ -231,10 +234,10 @@ static int ad_get(const proc_req *req, proc_cb cb, void *arg)
         return -1;
     decide_now(o);
     const proc_known *k = proc_known_get(o->gid);
-    bool unheard = !(req->processor_ref && req->processor_ref[0]) && !(k && k->ref[0]);
-    if (events_loaded && o->res.outcome == PROC_PAYMENT && o->res.status == PROC_ST_PENDING && unheard &&
-        req->debit_held && o->since_deadline_ms < -ADYEN_AUTH_MARGIN_MS) {
-        /* Nothing of Adyen's heard yet: replay the create (same key). */
+    if (events_loaded && o->res.outcome == PROC_PAYMENT && o->res.status == PROC_ST_PENDING &&
+        !(k && k->pending_answer) && req->debit_held && o->since_deadline_ms < -ADYEN_AUTH_MARGIN_MS) {
+        /* No answer of Adyen's that says "pending" is known: replay the
+         * create (same key); a stored Authorised or Refused decides. */
         sbuf body;
         sbuf_init(&body);
         o->replay = true;
@@ -326,10 +329,12 @@ static void ad_events_loaded(void)
     events_loaded = true;
 }
 
+static bool ad_ready(void) { return events_loaded; }
+
 static const proc_adapter adyen = {
     .name = "adyen", .create = ad_create, .get = ad_get, .cancel = ad_cancel, .in_flight = ad_in_flight,
     .shutdown = ad_shutdown, .caps = &caps, .webhook = ad_webhook, .event = ad_event,
-    .events_loaded = ad_events_loaded, .webhook_header = NULL,
+    .events_loaded = ad_events_loaded, .webhook_header = NULL, .ready = ad_ready,
 };
 
 int proc_adyen_start(void)

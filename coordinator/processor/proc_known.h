@@ -29,6 +29,7 @@ typedef struct proc_known {
     char cancel_fail_psp[64];      /* the id of the last cancel that failed */
     char cancel_psp[64];           /* the id of our cancel request (this process; not persisted) */
     uint64_t cancel_sent_ms;       /* when our cancel was received (loop clock; not persisted) */
+    bool pending_answer;           /* the processor answered our create "pending" (not persisted) */
     uint64_t touched_ms;
 } proc_known;
 

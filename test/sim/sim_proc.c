@@ -19,7 +19,7 @@
  *  adyen    replays answer the first answer (stale); no read-back: get and
  *           cancel decide from the webhooks delivered, with the adapter's own
  *           rule (adyen_decide, proc_adyen_api.c), and get replays the create
- *           while nothing of Adyen's was heard (before the deadline's margin,
+ *           until Adyen answered "pending" (before the deadline's margin,
  *           with a debit held); AUTHORISATION webhooks go
  *           out when an outcome is known, TECHNICAL_CANCEL ones when a
  *           technical cancel is processed (it cancels a pending or authorised
@@ -568,6 +568,12 @@ static void deliver(preq *q)
         conflicted_epoch[nconflicted] = sim_epoch;
         snprintf(conflicted[nconflicted++], 72, "%s", q->key);   /* the daemon saw a 409 */
     }
+    if (profile == SIM_PROFILE_ADYEN && (q->o == OP_CREATE || q->o == OP_GET) && q->res.outcome == PROC_PAYMENT &&
+        q->res.status == PROC_ST_PENDING) {
+        known_ent *e = known_of(q->key, true);      /* the adapter's memory: no more replays */
+        if (e)
+            e->k.pending_answer = true;
+    }
     if (q->adyen_cancel) {
         /* the adapter notes its cancel, then answers what the webhooks say */
         known_ent *e = known_of(q->key, true);
@@ -639,9 +645,8 @@ static int adyen_local(op o, const proc_req *req, proc_cb cb, void *arg)
     if (o == OP_CANCEL && now.outcome == PROC_PAYMENT && now.status == PROC_ST_PENDING &&
         !(e && e->k.cancel_sent_ms))
         return submit(OP_CANCEL, req, cb, arg);
-    bool unheard = !(req->processor_ref && req->processor_ref[0]) && !(e && e->k.ref[0]);
-    if (o == OP_GET && now.outcome == PROC_PAYMENT && now.status == PROC_ST_PENDING && unheard && req->debit_held &&
-        req->since_deadline_ms < -ADYEN_AUTH_MARGIN_MS)
+    if (o == OP_GET && now.outcome == PROC_PAYMENT && now.status == PROC_ST_PENDING && !(e && e->k.pending_answer) &&
+        req->debit_held && req->since_deadline_ms < -ADYEN_AUTH_MARGIN_MS)
         return submit(OP_GET, req, cb, arg);
     if (o == OP_CANCEL && now.outcome == PROC_PAYMENT && now.status == PROC_ST_SUCCEEDED)
         now.outcome = PROC_ALREADY_SUCCEEDED;
@@ -702,10 +707,11 @@ void sim_psp_daemon_died(void)
         q->answered = true;
         q->cb(&r, q->arg);
     }
-    /* The Adyen adapter's note of its own cancels lives in its memory. */
+    /* The Adyen adapter's notes of its own cancels and answers live in its memory. */
     for (int i = 0; i < nknown; i++) {
         known[i].k.cancel_sent_ms = 0;
         known[i].k.cancel_psp[0] = '\0';
+        known[i].k.pending_answer = false;
     }
 }
 
