@@ -214,13 +214,19 @@ static void after_search(sop *o, const proc_result *res, const stripe_found *fou
         next_step(o, o->op == OP_CANCEL ? STEP_CANCEL : STEP_RETRIEVE);
         return;
     }
+    char gv[260];
     if (!search_conclusive(o)) {
         char why[200];
         snprintf(why, sizeof(why), "no PaymentIntent found yet; a search is conclusive %d s after the deadline",
                  D->cfg.stripe_search_lag_s + D->cfg.processor_timeout_ms / 1000);
+        log_info("stripe op=%s gid=%s event=search_inconclusive since_deadline_ms=%lld note=\"%s\"", op_names[o->op],
+                 proc_log_value(gv, sizeof(gv), o->gid), (long long)o->since_deadline_ms, why);
         finish_with(o, PROC_UNKNOWN, PROC_ST_NONE, why);
         return;
     }
+    log_notice("stripe op=%s gid=%s event=search_conclusive since_deadline_ms=%lld note=\"no PaymentIntent carries "
+               "this gid, and no create is sent after the deadline\"", op_names[o->op],
+               proc_log_value(gv, sizeof(gv), o->gid), (long long)o->since_deadline_ms);
     if (o->op == OP_CANCEL)
         /* Nothing was made of our create, and no create is sent any more:
          * the payment is over, nothing charged. */
