@@ -157,10 +157,17 @@ static known_ent known[MAXK];
 static int nknown;
 static int next_mod;               /* pspReferences of technical cancels */
 
+/* Webhooks and technical cancels in the air live in fixed pools, reset
+ * per seed (the loop drops a seed's events without running them). */
+#define MAXHOOKS (4 * MAXK)
+
 typedef struct hook {
     proc_event ev;
     int tries;
 } hook;
+
+static hook hooks[MAXHOOKS];
+static int nhooks;
 
 static known_ent *known_of(const char *gid, bool make)
 {
@@ -177,20 +184,16 @@ static known_ent *known_of(const char *gid, bool make)
 
 static void hook_cb(void *arg)
 {
-    hook *h = arg;
+    hook *h = &hooks[(intptr_t)arg];
     if (!sim_daemon_running()) {
         /* the listener is down: the processor delivers again later */
-        if (++h->tries < 50) {
-            sim_at(1000000, hook_cb, h, 0);
-            return;
-        }
-        free(h);
+        if (++h->tries < 50)
+            sim_at(1000000, hook_cb, arg, 0);
         return;
     }
     known_ent *e = known_of(h->ev.gid, true);
     if (e)
         adyen_note_event(&e->k, &h->ev);
-    free(h);
 }
 
 /* A webhook about charge c (Adyen profile): late, sometimes lost. */
@@ -198,9 +201,11 @@ static void emit(const charge *c, const char *kind, bool success, const char *ca
 {
     if (profile != SIM_PROFILE_ADYEN || sim_chance(faults.webhook_lost))
         return;
-    hook *h = calloc(1, sizeof(*h));
-    if (!h)
+    if (nhooks >= MAXHOOKS)
         abort();
+    intptr_t idx = nhooks++;
+    hook *h = &hooks[idx];
+    memset(h, 0, sizeof(*h));
     bool cancel = strcmp(kind, "AUTHORISATION") != 0;
     proc_event *ev = &h->ev;
     snprintf(ev->id, sizeof(ev->id), "%s:%s:%s", cancel ? cancel_psp : c->id, kind, success ? "true" : "false");
@@ -211,7 +216,7 @@ static void emit(const charge *c, const char *kind, bool success, const char *ca
     ev->cancel = cancel;
     ev->status = cancel ? (success ? PROC_ST_CANCELED : PROC_ST_NONE)
                         : (success ? PROC_ST_SUCCEEDED : PROC_ST_DECLINED);
-    sim_at(sim_between(1000, 2000000), hook_cb, h, 0);
+    sim_at(sim_between(1000, 2000000), hook_cb, (void *)idx, 0);
 }
 
 /* ---------------------------------------------------------------- processing */
@@ -419,9 +424,12 @@ typedef struct tcancel {
     char psp[24];
 } tcancel;
 
+static tcancel tcancels[MAXK];
+static int ntcancels;
+
 static void tcancel_cb(void *arg)
 {
-    tcancel *t = arg;
+    tcancel *t = &tcancels[(intptr_t)arg];
     charge *c = find(t->key);
     charge none;
     if (c && c->cancels_in_air > 0)
@@ -439,14 +447,15 @@ static void tcancel_cb(void *arg)
             c->status = PROC_ST_CANCELED;
     }
     emit(c, "TECHNICAL_CANCEL", success, t->psp);
-    free(t);
 }
 
 static void adyen_cancel_received(preq *q)
 {
-    tcancel *t = calloc(1, sizeof(*t));
-    if (!t)
+    if (ntcancels >= MAXK)
         abort();
+    intptr_t idx = ntcancels++;
+    tcancel *t = &tcancels[idx];
+    memset(t, 0, sizeof(*t));
     snprintf(t->key, sizeof(t->key), "%s", q->key);
     snprintf(t->psp, sizeof(t->psp), "89%014d", ++next_mod);
     charge *c = find(q->key);
@@ -456,7 +465,7 @@ static void adyen_cancel_received(preq *q)
     q->adyen_cancel = true;
     q->res.outcome = PROC_PAYMENT;
     q->res.status = PROC_ST_PENDING;
-    sim_at(sim_between(50000, 1000000), tcancel_cb, t, 0);
+    sim_at(sim_between(50000, 1000000), tcancel_cb, (void *)idx, 0);
 }
 
 /* The request reaches the processor: effects and the answer it will give. */
@@ -729,6 +738,8 @@ void sim_psp_reset(void)
     next_id = 0;
     nknown = 0;
     next_mod = 0;
+    nhooks = 0;
+    ntcancels = 0;
     memset(&faults, 0, sizeof(faults));
 }
 
