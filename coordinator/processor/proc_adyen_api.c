@@ -404,7 +404,7 @@ void adyen_note_event(proc_known *k, const proc_event *ev)
 }
 
 void adyen_decide(const proc_known *k, int64_t since_deadline_ms, uint64_t now_ms, int64_t timeout_ms,
-                  proc_result *res)
+                  bool debit_held, proc_result *res)
 {
     memset(res, 0, sizeof(*res));
     res->outcome = PROC_PAYMENT;
@@ -437,6 +437,14 @@ void adyen_decide(const proc_known *k, int64_t since_deadline_ms, uint64_t now_m
         res->status = PROC_ST_SUCCEEDED;
         snprintf(res->error, sizeof(res->error), "the technical cancel failed (%.100s): the charge stands",
                  k->cancel_reason);
+        return;
+    }
+    if (ours_failed && auth == PROC_ST_NONE && !debit_held) {
+        /* No debit was ever prepared, so no create was ever sent (none is
+         * before PREPARE), and Adyen has no payment with our reference. */
+        res->status = PROC_ST_CANCELED;
+        snprintf(res->decline_code, sizeof(res->decline_code), "canceled");
+        snprintf(res->error, sizeof(res->error), "no debit was prepared and the technical cancel found no payment");
         return;
     }
     res->status = PROC_ST_PENDING;

@@ -591,7 +591,7 @@ static void deliver(preq *q)
             e->k.cancel_sent_ms = loop_now_ms();
             proc_result now;
             adyen_decide(&e->k, q->since_deadline_ms, loop_now_ms(), (int64_t)D->cfg.adyen_webhook_timeout_s * 1000,
-                         &now);
+                         q->debit_held, &now);
             now.local = false;
             if (now.outcome == PROC_PAYMENT && now.status == PROC_ST_SUCCEEDED)
                 now.outcome = PROC_ALREADY_SUCCEEDED;
@@ -650,7 +650,7 @@ static int adyen_local(op o, const proc_req *req, proc_cb cb, void *arg)
     known_ent *e = known_of(req->gid, false);
     proc_result now;
     adyen_decide(e ? &e->k : NULL, req->since_deadline_ms, loop_now_ms(),
-                 (int64_t)D->cfg.adyen_webhook_timeout_s * 1000, &now);
+                 (int64_t)D->cfg.adyen_webhook_timeout_s * 1000, req->debit_held, &now);
     if (o == OP_CANCEL && now.outcome == PROC_PAYMENT && now.status == PROC_ST_PENDING &&
         !(e && e->k.cancel_sent_ms))
         return submit(OP_CANCEL, req, cb, arg);
