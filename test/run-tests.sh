@@ -5,7 +5,7 @@
 # test through ctest (unit tests, the test processor's tests, the pytest
 # integration suite against real PostgreSQL, the test processor and the daemon).
 # The plain build runs the integration suite, and the crash driver's rounds,
-# once per processor API (generic, stripe, adyen), two at a time; the
+# once per processor API (generic, stripe, adyen), side by side; the
 # sanitizer build runs them for generic only (PC_TEST_APIS overrides both).
 # Then, once, the package stage (test/package/test_deb.py): build the Debian
 # package, install it, run the installed daemon, purge it. It needs root and
@@ -49,12 +49,13 @@ for b in $builds; do
     rc=0
     stage_start=$(date +%s)
     # Everything but the integration suites first (some tests restart the
-    # shared test cluster: never beside others), then the suites two at a time.
+    # shared test cluster: never beside others), then the suites side by side
+    # (mostly waiting on processes and timers: they fit two cores).
     (cd "$dir" && PC_CRASH_ROUNDS=$rounds PC_SIM_SEEDS=$seeds ctest --output-on-failure --timeout 2400 \
         -E '^integration') || rc=$?
     grep -h "^paysim:" "$dir/Testing/Temporary/LastTest.log" 2>/dev/null || true
     echo "=== $b build: integration suites for: $apis"
-    (cd "$dir" && PC_CRASH_ROUNDS=$rounds ctest --output-on-failure --timeout 2400 -j2 -R '^integration' \
+    (cd "$dir" && PC_CRASH_ROUNDS=$rounds ctest --output-on-failure --timeout 2400 -j3 -R '^integration' \
         ${exclude:+-E "$exclude"}) || rc=$?
     for log in "$dir"/crash-rounds-*.log; do
         [ -f "$log" ] || continue

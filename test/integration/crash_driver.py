@@ -61,8 +61,8 @@ SETTINGS = {"recovery_interval_ms": 200, "processor_poll_ms": 30, "processor_tim
             "pay_wait_ms": 4000, "queue_timeout_ms": 4000, "circuit_failures": 100000, "pool_size": 4,
             "drain_timeout_ms": 1000, "log_level": "notice",
             # stripe: a search finding nothing is conclusive 1 s + the timeout after the deadline;
-            # adyen: a technical cancel not decided by a webhook within 3 s goes to review
-            "stripe_search_lag_s": 1, "adyen_webhook_timeout_s": 3}
+            # adyen: a technical cancel not decided by a webhook within 1 s goes to review
+            "stripe_search_lag_s": 1, "adyen_webhook_timeout_s": 1}
 REUSE_RACE_P = 0.35
 CLEAR = dict(latency_ms=0, jitter_ms=0, fail_after_rate=0.0, drop_after_rate=0.0, pending_rate=0.0,
              fail_before_rate=0.0, blackhole=False, fault_ops=["create"])
@@ -86,6 +86,7 @@ class Driver:
         self.problems = []       # this round's violations of the checks above
         self.told = {}           # this round's key -> (payment_id, gid) told to a client
         self.reviews = 0         # gids the operator settled (adyen: never reached the processor)
+        self.timings = {}        # fault kind -> round durations (s)
 
     def start_daemon(self, env=None):
         if self.daemon is None:
@@ -269,7 +270,7 @@ class Driver:
         last_op = [0.0]
 
         def settled():
-            if self.psp.mode != "generic" and self.daemon.proc.poll() is None and time.monotonic() > last_op[0] + 1:
+            if self.psp.mode != "generic" and self.daemon.proc.poll() is None and time.monotonic() > last_op[0] + 0.25:
                 last_op[0] = time.monotonic()
                 try:
                     self.operator()
@@ -293,6 +294,7 @@ class Driver:
                 self.problems.append(f"told: {key} was told payment {ids}; the database has {rows.get(key)}")
 
     def round(self, seed):
+        t0 = time.monotonic()
         rng = random.Random(seed)
         self.round_no += 1
         tag = f"r{self.round_no}s{seed}"
@@ -395,6 +397,7 @@ class Driver:
         if self.problems:
             raise RoundFailure(f"round {self.round_no} seed={seed} fault={fault}: " + "; ".join(self.problems[:8]))
         check_invariants(self.pg, self.psp, answers=self.answers, node="t1")
+        self.timings.setdefault(fault, []).append(time.monotonic() - t0)
 
     def close(self):
         if self.daemon:
@@ -452,6 +455,8 @@ def main():
     if ok:
         print(f"crash driver: {args.rounds} rounds passed, {len(drv.answers)} final answers checked, "
               f"{drv.reviews} reviews settled by the operator")
+        print("crash driver: seconds per round by fault: " + ", ".join(
+            f"{k} {sum(v) / len(v):.1f} (x{len(v)})" for k, v in sorted(drv.timings.items())))
     else:
         print(f"crash driver: FAILED seeds: {failed}")
     return 0 if ok else 1
