@@ -404,7 +404,8 @@ static void fill_req(const rec_item *it, proc_req *pr)
                       .processor_ref = it->processor_ref[0] ? it->processor_ref : NULL, .amount = it->amount,
                       .currency = it->currency[0] ? it->currency : NULL, .account = it->account[0] ? it->account : NULL,
                       .reference = it->reference, .metadata = it->metadata,
-                      .since_deadline_ms = it->since_deadline_ms, .debit_held = it->prepared };
+                      .since_deadline_ms = it->since_deadline_ms, .debit_held = it->prepared,
+                      .never_debited = !it->prepared && !it->debited };
 }
 
 /* The processor's id of the payment, as soon as an answer carries it. */

@@ -91,6 +91,10 @@ typedef struct proc_req {
      * replays the create (and so may perform it now) is allowed. False for a
      * payment row without a debit: its create must never be sent. */
     bool debit_held;
+    /* No debit was ever made for this payment (no prepared transaction, no
+     * committed ledger debit): no create of it can have been sent, since
+     * none is sent before PREPARE. */
+    bool never_debited;
 } proc_req;
 
 /* How an adapter can learn a payment's outcome (bits of proc_caps.get). */

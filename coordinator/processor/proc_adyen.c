@@ -51,7 +51,7 @@ typedef struct aop {
     char gid[208];
     int64_t amount;
     int64_t since_deadline_ms;
-    bool debit_held;
+    bool never_debited;
     loop_timer timer;
     bool timer_up;
     proc_result res;               /* a local answer */
@@ -163,7 +163,7 @@ static void done_cb(const http_answer *a, void *arg)
         /* What the webhooks say now (they may have arrived before this answer). */
         proc_result now;
         adyen_decide(proc_known_get(o->gid), o->since_deadline_ms, loop_now_ms(),
-                     (int64_t)D->cfg.adyen_webhook_timeout_s * 1000, o->debit_held, &now);
+                     (int64_t)D->cfg.adyen_webhook_timeout_s * 1000, o->never_debited, &now);
         now.local = false;
         now.http_status = res.http_status;
         now.elapsed_ms = res.elapsed_ms;
@@ -191,7 +191,7 @@ static aop *aop_new(op_kind op, const proc_req *req, proc_cb cb, void *arg)
     snprintf(o->gid, sizeof(o->gid), "%s", req->gid);
     o->amount = req->amount;
     o->since_deadline_ms = req->since_deadline_ms;
-    o->debit_held = req->debit_held;
+    o->never_debited = req->never_debited;
     return o;
 }
 
@@ -226,7 +226,7 @@ static void decide_now(aop *o)
         return;
     }
     adyen_decide(proc_known_get(o->gid), o->since_deadline_ms, loop_now_ms(),
-                 (int64_t)D->cfg.adyen_webhook_timeout_s * 1000, o->debit_held, &o->res);
+                 (int64_t)D->cfg.adyen_webhook_timeout_s * 1000, o->never_debited, &o->res);
 }
 
 static int ad_get(const proc_req *req, proc_cb cb, void *arg)

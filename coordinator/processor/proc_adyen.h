@@ -60,14 +60,14 @@ void adyen_note_event(proc_known *k, const proc_event *ev);
  *    decides: a refused AUTHORISATION is declined; our cancel failed and the
  *    AUTHORISATION succeeded: succeeded (the charge stands); otherwise
  *    pending, and PROC_STUCK once our cancel was received timeout_ms ago
- *    without a deciding webhook. Except: with no debit ever prepared
- *    (debit_held false: a payment row whose create was never sent, as none
- *    is sent before PREPARE), our cancel finding no payment and no
+ *    without a deciding webhook. Except: when no debit was ever made
+ *    (never_debited: a payment row whose create was never sent, as none is
+ *    sent before PREPARE), our cancel finding no payment and no
  *    AUTHORISATION is conclusive: canceled.
  * k may be NULL (nothing known). now_ms is the loop clock.
  */
 #define ADYEN_AUTH_MARGIN_MS 1000
 void adyen_decide(const proc_known *k, int64_t since_deadline_ms, uint64_t now_ms, int64_t timeout_ms,
-                  bool debit_held, proc_result *res);
+                  bool never_debited, proc_result *res);
 
 #endif

@@ -404,7 +404,7 @@ void adyen_note_event(proc_known *k, const proc_event *ev)
 }
 
 void adyen_decide(const proc_known *k, int64_t since_deadline_ms, uint64_t now_ms, int64_t timeout_ms,
-                  bool debit_held, proc_result *res)
+                  bool never_debited, proc_result *res)
 {
     memset(res, 0, sizeof(*res));
     res->outcome = PROC_PAYMENT;
@@ -439,12 +439,12 @@ void adyen_decide(const proc_known *k, int64_t since_deadline_ms, uint64_t now_m
                  k->cancel_reason);
         return;
     }
-    if (ours_failed && auth == PROC_ST_NONE && !debit_held) {
-        /* No debit was ever prepared, so no create was ever sent (none is
+    if (ours_failed && auth == PROC_ST_NONE && never_debited) {
+        /* No debit was ever made, so no create was ever sent (none is
          * before PREPARE), and Adyen has no payment with our reference. */
         res->status = PROC_ST_CANCELED;
         snprintf(res->decline_code, sizeof(res->decline_code), "canceled");
-        snprintf(res->error, sizeof(res->error), "no debit was prepared and the technical cancel found no payment");
+        snprintf(res->error, sizeof(res->error), "no debit was ever made and the technical cancel found no payment");
         return;
     }
     res->status = PROC_ST_PENDING;

@@ -84,6 +84,7 @@ typedef struct preq {
     int64_t amount;
     int64_t since_deadline_ms;
     bool debit_held;
+    bool never_debited;
     char currency[4];
     proc_result res;
     bool answered;
@@ -591,7 +592,7 @@ static void deliver(preq *q)
             e->k.cancel_sent_ms = loop_now_ms();
             proc_result now;
             adyen_decide(&e->k, q->since_deadline_ms, loop_now_ms(), (int64_t)D->cfg.adyen_webhook_timeout_s * 1000,
-                         q->debit_held, &now);
+                         q->never_debited, &now);
             now.local = false;
             if (now.outcome == PROC_PAYMENT && now.status == PROC_ST_SUCCEEDED)
                 now.outcome = PROC_ALREADY_SUCCEEDED;
@@ -624,6 +625,7 @@ static preq *req_new(op o, const proc_req *req, proc_cb cb, void *arg)
     q->amount = req->amount;
     q->since_deadline_ms = req->since_deadline_ms;
     q->debit_held = req->debit_held;
+    q->never_debited = req->never_debited;
     snprintf(q->currency, sizeof(q->currency), "%s", req->currency ? req->currency : "");
     q->next = all;
     if (all)
@@ -650,7 +652,7 @@ static int adyen_local(op o, const proc_req *req, proc_cb cb, void *arg)
     known_ent *e = known_of(req->gid, false);
     proc_result now;
     adyen_decide(e ? &e->k : NULL, req->since_deadline_ms, loop_now_ms(),
-                 (int64_t)D->cfg.adyen_webhook_timeout_s * 1000, req->debit_held, &now);
+                 (int64_t)D->cfg.adyen_webhook_timeout_s * 1000, req->never_debited, &now);
     if (o == OP_CANCEL && now.outcome == PROC_PAYMENT && now.status == PROC_ST_PENDING &&
         !(e && e->k.cancel_sent_ms))
         return submit(OP_CANCEL, req, cb, arg);

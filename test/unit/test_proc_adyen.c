@@ -215,19 +215,19 @@ static void test_decide(void **state)
     const int64_t T = 5000;           /* webhook timeout */
 
     /* nothing known: pending before and after the deadline */
-    adyen_decide(NULL, -10000, 1000, T, true, &r);
+    adyen_decide(NULL, -10000, 1000, T, false, &r);
     assert_true(r.outcome == PROC_PAYMENT && r.status == PROC_ST_PENDING && r.local);
-    adyen_decide(NULL, 10, 1000, T, true, &r);
+    adyen_decide(NULL, 10, 1000, T, false, &r);
     assert_true(r.outcome == PROC_PAYMENT && r.status == PROC_ST_PENDING);
 
     /* AUTHORISATION success decides well before the deadline only */
     memset(&k, 0, sizeof(k));
     proc_event a = event("8800000000000001:AUTHORISATION:true", "AUTHORISATION", true, false);
     adyen_note_event(&k, &a);
-    adyen_decide(&k, -10000, 1000, T, true, &r);
+    adyen_decide(&k, -10000, 1000, T, false, &r);
     assert_int_equal(r.status, PROC_ST_SUCCEEDED);
     assert_string_equal(r.id, "8800000000000001");
-    adyen_decide(&k, -500, 1000, T, true, &r);          /* a technical cancel may be under way */
+    adyen_decide(&k, -500, 1000, T, false, &r);          /* a technical cancel may be under way */
     assert_int_equal(r.status, PROC_ST_PENDING);
 
     /* our cancel failed: the charge stands */
@@ -235,25 +235,25 @@ static void test_decide(void **state)
     k.cancel_sent_ms = 1000;
     proc_event f = event("8900000000000007:TECHNICAL_CANCEL:false", "TECHNICAL_CANCEL", false, true);
     adyen_note_event(&k, &f);
-    adyen_decide(&k, 10, 1200, T, true, &r);
+    adyen_decide(&k, 10, 1200, T, false, &r);
     assert_int_equal(r.status, PROC_ST_SUCCEEDED);
     /* an older cancel's failure does not count for ours */
     snprintf(k.cancel_psp, sizeof(k.cancel_psp), "8900000000000009");
-    adyen_decide(&k, 10, 1200, T, true, &r);
+    adyen_decide(&k, 10, 1200, T, false, &r);
     assert_true(r.outcome == PROC_PAYMENT && r.status == PROC_ST_PENDING);
     /* ... and without a deciding webhook within the bound: stuck */
-    adyen_decide(&k, 10, 1000 + T, T, true, &r);
+    adyen_decide(&k, 10, 1000 + T, T, false, &r);
     assert_int_equal(r.outcome, PROC_STUCK);
 
     /* a cancel that succeeded wins over an AUTHORISATION, in either order */
     proc_event ok = event("8900000000000009:TECHNICAL_CANCEL:true", "TECHNICAL_CANCEL", true, true);
     adyen_note_event(&k, &ok);
-    adyen_decide(&k, 10, 1200, T, true, &r);
+    adyen_decide(&k, 10, 1200, T, false, &r);
     assert_int_equal(r.status, PROC_ST_CANCELED);
     memset(&k, 0, sizeof(k));
     adyen_note_event(&k, &ok);
     adyen_note_event(&k, &a);
-    adyen_decide(&k, -10000, 1200, T, true, &r);
+    adyen_decide(&k, -10000, 1200, T, false, &r);
     assert_int_equal(r.status, PROC_ST_CANCELED);
 
     /* a refused AUTHORISATION decides at any time */
@@ -261,7 +261,7 @@ static void test_decide(void **state)
     proc_event no = event("8800000000000001:AUTHORISATION:false", "AUTHORISATION", false, false);
     snprintf(no.reason, sizeof(no.reason), "Not enough balance");
     adyen_note_event(&k, &no);
-    adyen_decide(&k, 10, 1200, T, true, &r);
+    adyen_decide(&k, 10, 1200, T, false, &r);
     assert_int_equal(r.status, PROC_ST_DECLINED);
     assert_string_equal(r.decline_code, "Not enough balance");
 
@@ -270,17 +270,17 @@ static void test_decide(void **state)
     snprintf(k.cancel_psp, sizeof(k.cancel_psp), "8900000000000007");
     k.cancel_sent_ms = 1000;
     adyen_note_event(&k, &f);
-    adyen_decide(&k, 10, 2000, T, true, &r);
-    assert_true(r.outcome == PROC_PAYMENT && r.status == PROC_ST_PENDING);
-    adyen_decide(&k, 10, 1000 + T, T, true, &r);
-    assert_int_equal(r.outcome, PROC_STUCK);
-    /* ... but with no debit ever prepared, no create was sent: conclusive */
     adyen_decide(&k, 10, 2000, T, false, &r);
+    assert_true(r.outcome == PROC_PAYMENT && r.status == PROC_ST_PENDING);
+    adyen_decide(&k, 10, 1000 + T, T, false, &r);
+    assert_int_equal(r.outcome, PROC_STUCK);
+    /* ... but with no debit ever made, no create was sent: conclusive */
+    adyen_decide(&k, 10, 2000, T, true, &r);
     assert_true(r.outcome == PROC_PAYMENT && r.status == PROC_ST_CANCELED);
     /* (an AUTHORISATION would still say otherwise: a charge without a debit) */
     proc_event a2 = event("8800000000000001:AUTHORISATION:true", "AUTHORISATION", true, false);
     adyen_note_event(&k, &a2);
-    adyen_decide(&k, 10, 2000, T, false, &r);
+    adyen_decide(&k, 10, 2000, T, true, &r);
     assert_int_equal(r.status, PROC_ST_SUCCEEDED);
 }
 
