@@ -23,6 +23,7 @@
  */
 #include "webhook.h"
 #include "ctx.h"
+#include "list.h"
 #include "log.h"
 #include "loop.h"
 #include "proc.h"
@@ -42,6 +43,7 @@
 
 /* One delivery waiting for its events to be stored. */
 typedef struct pending {
+    pc_list link;                  /* on waiting */
     struct evhttp_request *req;    /* NULL once its connection closed */
     struct evhttp_connection *conn;
     proc_event events[PROC_EVENTS_MAX];
@@ -49,6 +51,7 @@ typedef struct pending {
 } pending;
 
 static struct evhttp *http;
+static pc_list waiting = { &waiting, &waiting };   /* deliveries whose events are being stored */
 static loop_timer load_timer;
 static bool load_timer_up;
 static const char *api;
@@ -81,6 +84,7 @@ static const char *status_text(proc_status s)
 static void saved_cb(st_status st, int fresh, void *arg)
 {
     pending *p = arg;
+    list_unlink(&p->link);
     if (st == ST_OK) {
         for (int i = 0; i < p->n; i++)
             proc_event_record(&p->events[i]);
@@ -161,6 +165,7 @@ static void handle(struct evhttp_request *req, void *arg)
         to_store(&p->events[i], &se[i]);
     p->req = req;
     p->conn = evhttp_request_get_connection(req);
+    list_init(&p->link);
     if (store_save_events(se, p->n, saved_cb, p) != STORE_QUEUED) {
         D->stats.webhooks_failed++;
         log_warn("webhook event=not_stored events=%d reason=database_unavailable", p->n);
@@ -168,6 +173,7 @@ static void handle(struct evhttp_request *req, void *arg)
         reply(req, 503, "Service Unavailable", "not stored; deliver again");
         return;
     }
+    list_push_tail(&waiting, &p->link);
     if (p->conn)
         evhttp_connection_set_closecb(p->conn, conn_closed, p);
 }
@@ -231,6 +237,7 @@ int webhook_start(void)
         proc_events_loaded();                /* nothing to wait for */
         return 0;
     }
+    list_init(&waiting);
     if (loop_timer_init(&load_timer, load_now, NULL) != 0)
         return -1;
     load_timer_up = true;
@@ -279,10 +286,19 @@ int webhook_start(void)
 
 void webhook_stop(void)
 {
-    /* Pending deliveries lose their connection here (their close callback
-     * clears them); the store answers them later with a shutdown. */
-    if (http)
+    /* Deliveries still being stored lose their request here; the store
+     * answers them later (with a shutdown) and nobody is told anything: the
+     * processor delivers again. */
+    if (http) {
+        for (pc_list *n = waiting.next; n != &waiting; n = n->next) {
+            pending *p = list_entry(n, pending, link);
+            if (p->conn)
+                evhttp_connection_set_closecb(p->conn, NULL, NULL);
+            p->req = NULL;
+            p->conn = NULL;
+        }
         evhttp_free(http);
+    }
     http = NULL;
     if (load_timer_up)
         loop_timer_deinit(&load_timer);
