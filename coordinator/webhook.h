@@ -6,9 +6,11 @@
 #ifndef PAYCOORD_WEBHOOK_H
 #define PAYCOORD_WEBHOOK_H
 
+#include "common.h"
+
 /* After proc_start() and store_init(): listen on webhook_listen when the
  * adapter takes webhooks, and load the stored events. 0 or -1 (logged). */
-int webhook_start(void);
+int webhook_start(void) PC_MUSTCHECK;
 void webhook_stop(void);
 
 #endif
