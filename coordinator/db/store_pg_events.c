@@ -1,6 +1,6 @@
 /*
  * store_pg_events.c - the processor's webhook events (store.h,
- * sql/004_processor_events.sql): written durably and only once, read back at
+ * sql/005_processor_events.sql): written durably and only once, read back at
  * start for the payments that may still need them.
  */
 #include "store_pg.h"

@@ -1,4 +1,4 @@
--- 004_processor_events.sql - paycoord 0.2: processor webhooks (Stripe events,
+-- 005_processor_events.sql - paycoord 0.2: processor webhooks (Stripe events,
 -- Adyen notifications), kept so that each is handled once and survives a
 -- restart. The webhook listener writes an event durably before it answers
 -- the processor, deduplicated on event_id; the adapter then finds it when it
