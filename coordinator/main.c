@@ -26,6 +26,7 @@
 #include "server.h"
 #include "stats.h"
 #include "store.h"
+#include "webhook.h"
 
 #include <errno.h>
 #include <getopt.h>
@@ -291,10 +292,12 @@ int main(int argc, char **argv)
         goto out;
     }
     store_set_state_cb(on_db_state);
-    if (proc_generic_start() != 0) {
+    if (proc_start() != 0) {
         log_error("event=startup_failed what=\"processor client\"");
         goto out;
     }
+    if (webhook_start() != 0)
+        goto out;
     if (rec_init() != 0) {
         log_error("event=startup_failed what=recovery");
         goto out;
@@ -330,6 +333,7 @@ out:
      * called back after it is freed; prepared debits stay for recovery. */
     server_close_all();
     metrics_stop();
+    webhook_stop();
     stats_stop();
     store_shutdown();
     proc_shutdown();

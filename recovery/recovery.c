@@ -16,12 +16,21 @@
  *    not found          -> cancel: the tombstone makes a late create charge
  *                          nothing, so rolling back is then safe
  *    unknown/5xx/auth   -> leave (backoff); never guess
+ *    stuck, conflict    -> the adapter can learn nothing more by asking
+ *                          (e.g. no deciding webhook in time), or the key
+ *                          was used with other parameters: manual review
+ *  (What "GET" means is the adapter's: by gid, by the processor's id, by
+ *  replaying the identical create before the deadline, by a lagging search,
+ *  or from the webhooks received; proc.h. Each item carries the payment as it
+ *  was sent, so that a replay is identical.)
  *  cancel:
  *    canceled           -> ROLLBACK PREPARED, row 'declined'
  *    already_succeeded  -> COMMIT PREPARED
  *    501 unsupported    -> leave until processor_idempotency_window_s has
  *                          passed since PREPARE, then roll back and flag the
  *                          payment for reconciliation (review)
+ *    pending            -> leave (an asynchronous cancel: its outcome comes
+ *                          by webhook); stuck -> manual review
  *  'pending' row without a prepared transaction (the daemon died before
  *  PREPARE, or between ROLLBACK PREPARED and the row's update): it holds no
  *  debit. Read again (the listing is a snapshot), then GET: declined, canceled
@@ -92,6 +101,12 @@ typedef struct rec_item {
     int attempts;
     char processor_ref[128];
     char decline_code[64];
+    /* the payment as sent to the processor (empty without a row) */
+    char account[72];
+    char currency[4];
+    char *reference;
+    cJSON *metadata;
+    int64_t amount;
 } rec_item;
 
 typedef struct rec_waiter {
@@ -126,6 +141,7 @@ static bool rerun;                   /* the node lock was taken again during a p
 static int orphans;
 
 static void item_done(rec_item *it);
+static void item_free(rec_item *it);
 static void pass_pump_soon(rec_pass *ps);
 static void schedule_tick(int ms);
 
@@ -432,12 +448,34 @@ static void check_cb(const store_facts *f, void *arg)
 static void fill_req(const rec_item *it, proc_req *pr)
 {
     *pr = (proc_req){ .gid = it->gid, .payment_id = it->payment_id,
-                      .processor_ref = it->processor_ref[0] ? it->processor_ref : NULL };
+                      .processor_ref = it->processor_ref[0] ? it->processor_ref : NULL, .amount = it->amount,
+                      .currency = it->currency[0] ? it->currency : NULL, .account = it->account[0] ? it->account : NULL,
+                      .reference = it->reference, .metadata = it->metadata,
+                      .since_deadline_ms = it->since_deadline_ms, .debit_held = it->prepared,
+                      .never_debited = !it->prepared && !it->debited };
+}
+
+/* The processor's id of the payment, as soon as an answer carries it. */
+static void note_ref(rec_item *it, const proc_result *res)
+{
+    if (!res->id[0] || !strcmp(res->id, it->processor_ref))
+        return;
+    if (it->payment_id[0])
+        store_save_processor_ref(it->payment_id, res->id);
+    snprintf(it->processor_ref, sizeof(it->processor_ref), "%s", res->id);
+}
+
+/* The adapter can learn nothing more by asking: a person decides. */
+static void item_stuck(rec_item *it, const proc_result *res)
+{
+    flag_review(it, res->error[0] ? res->error : "the processor adapter can make no more progress");
+    item_done(it);
 }
 
 static void cancel_cb(const proc_result *res, void *arg)
 {
     rec_item *it = arg;
+    note_ref(it, res);
     switch (res->outcome) {
     case PROC_PAYMENT:
         if (res->status == PROC_ST_SUCCEEDED)
@@ -463,6 +501,9 @@ static void cancel_cb(const proc_result *res, void *arg)
                       (int64_t)D->cfg.processor_idempotency_window_s * 1000 - it->since_deadline_ms);
         }
         return;
+    case PROC_STUCK:
+        item_stuck(it, res);
+        return;
     default:
         item_leave(it, res->error[0] ? res->error : proc_outcome_name(res->outcome));
         return;
@@ -481,8 +522,7 @@ static void item_cancel(rec_item *it)
 static void get_cb(const proc_result *res, void *arg)
 {
     rec_item *it = arg;
-    if (res->id[0] && it->payment_id[0] && strcmp(res->id, it->processor_ref) != 0)
-        store_save_processor_ref(it->payment_id, res->id);
+    note_ref(it, res);
     switch (res->outcome) {
     case PROC_PAYMENT:
         switch (res->status) {
@@ -503,6 +543,10 @@ static void get_cb(const proc_result *res, void *arg)
         }
     case PROC_NOT_FOUND:
         item_cancel(it);
+        return;
+    case PROC_CONFLICT:             /* a get that replays the create: our key, other parameters */
+    case PROC_STUCK:
+        item_stuck(it, res);
         return;
     default:
         item_leave(it, res->error[0] ? res->error : proc_outcome_name(res->outcome));
@@ -587,13 +631,20 @@ static void item_start(rec_item *it)
 
 static void pass_finish(rec_pass *ps);
 
+static void item_free(rec_item *it)
+{
+    free(it->reference);
+    cJSON_Delete(it->metadata);
+    free(it);
+}
+
 static void item_done(rec_item *it)
 {
     rec_pass *ps = it->pass;
     if (it->claimed)
         owner_release(it->gid, OWNER_RECOVERY);
     list_unlink(&it->link);
-    free(it);
+    item_free(it);
     ps->running--;
     pass_pump_soon(ps);
 }
@@ -618,7 +669,7 @@ static void pass_free(rec_pass *ps)
 {
     pc_list *n;
     while ((n = list_pop_head(&ps->todo)))
-        free(list_entry(n, rec_item, link));
+        item_free(list_entry(n, rec_item, link));
     while ((n = list_pop_head(&ps->waiters))) {
         rec_waiter *w = list_entry(n, rec_waiter, link);
         w->cb(NULL, "recovery stopped: the daemon is shutting down", w->arg);
@@ -703,6 +754,16 @@ static void list_cb(const store_rec_list *res, void *arg)
         it->since_deadline_ms = src->since_deadline_ms;
         it->attempts = src->attempts;
         it->due = due;
+        snprintf(it->processor_ref, sizeof(it->processor_ref), "%s", src->processor_ref ? src->processor_ref : "");
+        snprintf(it->account, sizeof(it->account), "%s", src->account ? src->account : "");
+        snprintf(it->currency, sizeof(it->currency), "%s", src->currency ? src->currency : "");
+        it->amount = src->amount;
+        it->reference = src->reference ? strdup(src->reference) : NULL;
+        it->metadata = src->metadata ? cJSON_Duplicate(src->metadata, true) : NULL;
+        if ((src->reference && !it->reference) || (src->metadata && !it->metadata)) {
+            item_free(it);
+            break;
+        }
         list_push_tail(&ps->todo, &it->link);
     }
     if (!ps->foreign)
@@ -764,6 +825,10 @@ static void tick_cb(void *arg)
     if (!rec_node_locked()) {
         nodelock_try();
         schedule_tick(D->cfg.recovery_interval_ms);
+        return;
+    }
+    if (!proc_ready()) {             /* e.g. the stored webhook events not loaded yet */
+        schedule_tick(100);
         return;
     }
     if (current)

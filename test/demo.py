@@ -6,6 +6,7 @@ import time
 import urllib.request
 
 sock_path, control_port = sys.argv[1], int(sys.argv[2])
+api = sys.argv[3] if len(sys.argv) > 3 else "generic"
 
 
 class Conn:
@@ -55,7 +56,7 @@ def show(title, r):
         print(f"  {title:<48} -> error {r['error']['code']}: {r['error']['message']}")
 
 
-print("== demo")
+print(f"== demo (processor: {api})")
 show("open account alice (EUR)", c.call("account_open", account="alice", currency="EUR"))
 show("credit alice 100.00 EUR", c.call("credit", account="alice", amount=10000, currency="EUR",
                                        idempotency_key="deposit-1"))
@@ -79,3 +80,11 @@ show("status of order-4 a moment later", c.call("status", idempotency_key="order
 show("pay with amount 1.5 (bad input)", c.call("pay", account="alice", amount=1.5, currency="EUR",
                                                idempotency_key="bad"))
 show("final balance of alice", c.call("balance", account="alice"))
+with urllib.request.urlopen(f"http://127.0.0.1:{control_port}/control/payments", timeout=5) as r:
+    charges = json.loads(r.read())["data"]
+print(f"== the processor's own list ({api}):")
+for p in charges:
+    print(f"  {p['key']:<34} {p['processor_id']:<28} {p['status']:<10} {p['amount']:>6} {p['currency']}")
+if api != "generic":
+    st = c.call("stats")["result"]
+    print(f"== webhooks received by the daemon: {st['webhooks']}")

@@ -109,6 +109,29 @@ static const setting settings[] = {
       "Consecutive processor failures that open the circuit." },
     { "circuit_open_ms", T_INT, OFF(circuit_open_ms), "5000", 100, 3600000, true,
       "How long the circuit stays open before a probe payment is let through." },
+    /* processor adapters (docs/processors.md) */
+    { "processor_api", T_STR, OFF(processor_api), "generic", 0, 0, false,
+      "The processor's API: `generic` (the contract of docs/processor.md), `stripe` (PaymentIntents; processor_url e.g. https://api.stripe.com, token = the secret key) or `adyen` (Checkout; processor_url with the version, e.g. https://checkout-test.adyen.com/v71, token = the API key)." },
+    { "webhook_listen", T_STR, OFF(webhook_listen), "127.0.0.1:8082", 0, 0, false,
+      "HOST:PORT (numeric) where processor webhooks are received (stripe, adyen; required for adyen). Loopback by default: expose it through a TLS-terminating proxy. Empty: no listener." },
+    { "webhook_max_bytes", T_INT, OFF(webhook_max_bytes), "262144", 4096, 16777216, false,
+      "Largest webhook delivery accepted; a longer one is refused (413, by the HTTP layer: not counted in the webhook metrics)." },
+    { "stripe_payment_method", T_STR, OFF(stripe_payment_method), "pm_card_visa", 0, 0, false,
+      "stripe: the `payment_method` of a create when the pay request's metadata has no `payment_method` (the default is Stripe's test card). A replayed create must carry the first one's parameters: change it only with no payment in doubt." },
+    { "stripe_webhook_secret_file", T_STR, OFF(stripe_webhook_secret_file), "", 0, 0, false,
+      "stripe: file holding the webhook endpoint's signing secret (`whsec_...`); empty: Stripe webhooks are refused (the adapter works without them)." },
+    { "stripe_key_window_s", T_INT, OFF(stripe_key_window_s), "86400", 60, 31536000, false,
+      "stripe: how long Stripe keeps an idempotency key at least (it may prune keys 24 hours old); a create is replayed only inside it, and payment_deadline_ms must be shorter." },
+    { "stripe_search_lag_s", T_INT, OFF(stripe_search_lag_s), "3600", 0, 86400, true,
+      "stripe: how far behind Stripe's search may be (under a minute normally, up to an hour during outages). A search that finds no payment is conclusive only this long (plus processor_timeout_ms) after the payment's deadline." },
+    { "stripe_webhook_tolerance_s", T_INT, OFF(stripe_webhook_tolerance_s), "300", 1, 86400, true,
+      "stripe: webhooks whose signature timestamp is further than this from the clock are refused (Stripe's libraries use 300)." },
+    { "adyen_merchant_account", T_STR, OFF(adyen_merchant_account), "", 0, 0, false,
+      "adyen: the merchant account of every payment and cancel (required for adyen)." },
+    { "adyen_hmac_key_file", T_STR, OFF(adyen_hmac_key_file), "", 0, 0, false,
+      "adyen: file holding the webhook HMAC key in hex (required for adyen); notifications not signed with it are refused." },
+    { "adyen_webhook_timeout_s", T_INT, OFF(adyen_webhook_timeout_s), "3600", 1, 2592000, true,
+      "adyen: how long after a technical cancel was received the webhook deciding the payment may take; after that the payment goes to manual review." },
     { "pay_wait_ms", T_INT, OFF(pay_wait_ms), "30000", 0, 86400000, true,
       "Default time a `pay` waits for a final outcome after the debit is prepared." },
     { "payment_deadline_ms", T_INT, OFF(payment_deadline_ms), "60000", 1000, 86400000, true,
@@ -287,6 +310,28 @@ int config_validate(const pc_config *cfg, char *err, size_t errlen)
     if (strncmp(cfg->processor_url, "http://", 7) && strncmp(cfg->processor_url, "https://", 8)) {
         snprintf(err, errlen, "processor_url: must start with http:// or https://");
         return -1;
+    }
+    if (strcmp(cfg->processor_api, "generic") && strcmp(cfg->processor_api, "stripe") &&
+        strcmp(cfg->processor_api, "adyen")) {
+        snprintf(err, errlen, "processor_api: must be generic, stripe or adyen");
+        return -1;
+    }
+    if (!strcmp(cfg->processor_api, "stripe") &&
+        (int64_t)cfg->payment_deadline_ms >= (int64_t)cfg->stripe_key_window_s * 1000) {
+        snprintf(err, errlen, "payment_deadline_ms: must be shorter than stripe_key_window_s (a create is "
+                              "replayed only while Stripe keeps its key)");
+        return -1;
+    }
+    if (!strcmp(cfg->processor_api, "adyen")) {
+        if (!cfg->adyen_merchant_account[0]) {
+            snprintf(err, errlen, "adyen_merchant_account: required with processor_api = adyen");
+            return -1;
+        }
+        if (!cfg->adyen_hmac_key_file[0] || !cfg->webhook_listen[0]) {
+            snprintf(err, errlen, "adyen_hmac_key_file, webhook_listen: required with processor_api = adyen "
+                                  "(Adyen reports pending payments and cancels only by webhook)");
+            return -1;
+        }
     }
     if (!cfg->processor_token_file[0]) {
         snprintf(err, errlen, "processor_token_file: required (a file holding the processor's bearer token)");

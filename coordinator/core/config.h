@@ -59,6 +59,18 @@ typedef struct pc_config {
     int processor_poll_ms;
     int circuit_failures;
     int circuit_open_ms;
+    /* processor adapters (docs/processors.md) */
+    char *processor_api;           /* generic | stripe | adyen */
+    char *webhook_listen;          /* HOST:PORT of the webhook listener */
+    int webhook_max_bytes;
+    char *stripe_payment_method;
+    char *stripe_webhook_secret_file;
+    int stripe_key_window_s;
+    int stripe_search_lag_s;
+    int stripe_webhook_tolerance_s;
+    char *adyen_merchant_account;
+    char *adyen_hmac_key_file;
+    int adyen_webhook_timeout_s;
     /* payments */
     int pay_wait_ms;
     int payment_deadline_ms;

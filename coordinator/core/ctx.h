@@ -23,6 +23,9 @@ typedef struct pc_stats {
     uint64_t payments_succeeded, payments_declined, payments_insufficient, payments_left_pending;
     uint64_t replays, credits_applied, credits_accepted;
     uint64_t processor_calls, processor_failures, processor_rate_limited;
+    uint64_t processor_bad_answers;          /* unreadable answers (proc.h): unknown, never a decline */
+    uint64_t webhooks_received, webhooks_accepted, webhooks_duplicates, webhooks_rejected, webhooks_malformed,
+        webhooks_failed;
     uint64_t lat_buckets[PC_LAT_BUCKETS];    /* processor latency histogram, ms: <=1,2,4..., +Inf */
     double lat_sum_ms;
     uint64_t recoveries_committed, recoveries_rolled_back, recoveries_left, recovery_runs;

@@ -343,6 +343,14 @@ typedef struct store_rec_item {
     int64_t since_deadline_ms;     /* since the payment's deadline (negative before it; age_ms without a row):
                                       no create of it is sent after its deadline */
     int attempts;                  /* recorded attempts */
+    /* The payment as it was sent to the processor (a replay must send the
+     * same): empty / 0 / NULL without a row. */
+    const char *processor_ref;     /* NULL: none known */
+    const char *account;
+    const char *currency;
+    const char *reference;         /* NULL: none */
+    const cJSON *metadata;         /* NULL: none */
+    int64_t amount;
 } store_rec_item;
 
 typedef struct store_rec_list {
@@ -360,6 +368,39 @@ int store_rec_list_node(const char *node, void (*cb)(const store_rec_list *, voi
 /* A committed debit whose row still says pending: record 'succeeded' (durable). */
 int store_rec_mark_succeeded(const char *payment_id, const char *processor_ref, void (*cb)(st_status st, void *),
                              void *arg) PC_MUSTCHECK;
+
+/* ------------------------------------------------------------ processor events */
+
+/* One webhook event (proc.h's proc_event, as stored: NULL for none). */
+typedef struct store_event {
+    const char *event_id;          /* the deduplication key */
+    const char *processor;         /* "stripe" | "adyen" */
+    const char *gid, *processor_ref;
+    const char *kind;
+    const char *status;            /* succeeded | declined | pending | canceled | none */
+    bool success, is_cancel;
+    const char *reason;
+    const char *currency;
+    int64_t amount;
+    bool has_amount;
+} store_event;
+
+/* Durable: insert the events of one delivery (at most 64), each only once
+ * (an event_id already stored is a duplicate: nothing changes). cb gets ST_OK
+ * once they are flushed, with how many were new. */
+int store_save_events(const store_event *ev, int n, void (*cb)(st_status st, int fresh, void *), void *arg)
+    PC_MUSTCHECK;
+
+typedef struct store_event_list {
+    st_status st;
+    const char *errmsg;
+    int n;
+    const store_event *events;
+} store_event_list;
+
+/* The stored events of payments that may still need them: every gid with a
+ * prepared transaction or a 'pending' row, oldest first. */
+int store_load_events(void (*cb)(const store_event_list *, void *), void *arg) PC_MUSTCHECK;
 
 /* ------------------------------------------------------------ admin */
 

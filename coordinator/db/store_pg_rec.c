@@ -223,13 +223,21 @@ static void list_cb(const pgpool_reply *r, void *arg)
                     .debited = spg_bool(res, i, 4), .review = spg_bool(res, i, 5),
                     .past_deadline = spg_bool(res, i, 6), .age_ms = spg_int(res, i, 7),
                     .attempts = (int)spg_int(res, i, 8), .since_deadline_ms = spg_int(res, i, 9),
+                    .processor_ref = spg_text(res, i, 10), .account = PQgetvalue(res, i, 11),
+                    .currency = PQgetvalue(res, i, 12), .reference = spg_text(res, i, 13),
+                    .amount = spg_int(res, i, 15),
                 };
+                /* metadata is jsonb: parsed here, freed after the callback */
+                const char *m = spg_text(res, i, 14);
+                items[i].metadata = m ? cJSON_Parse(m) : NULL;
             }
             l.n = n;
             l.items = items;
         }
     }
     ((list_fn)c->fn)(&l, c->arg);
+    for (int i = 0; items && i < l.n; i++)
+        cJSON_Delete((cJSON *)items[i].metadata);
     free(items);
     free(c);
 }
@@ -247,7 +255,9 @@ int store_rec_list_node(const char *node, void (*cb)(const store_rec_list *, voi
         "SELECT x.gid, coalesce(p.payment_id::text, ''), coalesce(p.status, ''), true, false, "
         "       coalesce(s.review, false), coalesce(p.deadline < now(), true), "
         "       (extract(epoch FROM now() - x.prepared) * 1000)::bigint, coalesce(s.attempts, 0), "
-        "       (extract(epoch FROM now() - coalesce(p.deadline, x.prepared)) * 1000)::bigint "
+        "       (extract(epoch FROM now() - coalesce(p.deadline, x.prepared)) * 1000)::bigint, "
+        "       p.processor_ref, coalesce(p.account_id, ''), coalesce(p.currency, ''), p.reference, "
+        "       p.metadata::text, coalesce(p.amount, 0) "
         "  FROM pg_prepared_xacts x LEFT JOIN payments p ON p.gid = x.gid "
         "  LEFT JOIN recovery_state s ON s.gid = x.gid "
         " WHERE x.database = current_database() AND left(x.gid, length($1)) = $1 "
@@ -256,7 +266,8 @@ int store_rec_list_node(const char *node, void (*cb)(const store_rec_list *, voi
         "       EXISTS (SELECT 1 FROM ledger l WHERE l.payment_id = p.payment_id), "
         "       coalesce(s.review, false), p.deadline < now(), "
         "       (extract(epoch FROM now() - p.created_at) * 1000)::bigint, coalesce(s.attempts, 0), "
-        "       (extract(epoch FROM now() - p.deadline) * 1000)::bigint "
+        "       (extract(epoch FROM now() - p.deadline) * 1000)::bigint, "
+        "       p.processor_ref, p.account_id, p.currency, p.reference, p.metadata::text, p.amount "
         "  FROM payments p LEFT JOIN recovery_state s ON s.gid = p.gid "
         " WHERE p.node = $2 AND p.status = 'pending' "
         "   AND NOT EXISTS (SELECT 1 FROM pg_prepared_xacts x WHERE x.gid = p.gid)";

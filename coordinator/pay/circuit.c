@@ -74,6 +74,8 @@ static void open_now(const char *why)
 
 void circuit_account(const proc_result *res)
 {
+    if (res->local)                 /* answered from webhooks already received: no call was made */
+        return;
     record_latency(res->elapsed_ms);
     switch (res->outcome) {
     case PROC_UNKNOWN:

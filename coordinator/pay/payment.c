@@ -164,11 +164,22 @@ bool pm_past_deadline(const payment *p)
     return loop_now_ms() >= p->started_ms + (uint64_t)D->cfg.payment_deadline_ms;
 }
 
+/* What is left of the deadline: the one stored with the intent (which
+ * recovery and the adapters go by) then falls when this one does, not a
+ * queue wait later; never earlier, since the database reads its clock after
+ * this. (An asynchronous cancel sent at this deadline must not be overtaken
+ * by a recovery that still thinks the payment is before it.) */
+static int deadline_left_ms(const payment *p)
+{
+    uint64_t end = p->started_ms + (uint64_t)D->cfg.payment_deadline_ms, now = loop_now_ms();
+    return now >= end ? 0 : (int)(end - now);
+}
+
 static void fill_store_pay(const payment *p, store_pay *sp)
 {
     *sp = (store_pay){ .payment_id = p->payment_id, .gid = p->gid, .key = p->key, .account = p->account,
                        .currency = p->currency, .reference = p->reference, .metadata = p->metadata,
-                       .node = D->cfg.node_id, .amount = p->amount, .deadline_ms = D->cfg.payment_deadline_ms,
+                       .node = D->cfg.node_id, .amount = p->amount, .deadline_ms = deadline_left_ms(p),
                        .created_ms = p->created_wall_ms, .updated_ms = p->updated_wall_ms };
 }
 

@@ -3,7 +3,9 @@
  * and 5 of payment.c's lifecycle): create with the gid as idempotency key,
  * poll an unknown or pending outcome, cancel at the deadline, and the
  * decision that phase 2 carries out. An answer that does not prove what
- * happened to the money is never a decline.
+ * happened to the money is never a decline. No create is sent once the
+ * deadline has passed (adapters rely on it: proc.h). An adapter that can
+ * learn nothing more (PROC_STUCK) hands the payment to manual review.
  */
 #include "payment.h"
 #include "payment_int.h"
@@ -21,10 +23,21 @@ static void start_cancel(payment *p);
 
 static void fill_proc_req(const payment *p, proc_req *pr)
 {
+    uint64_t deadline = p->started_ms + (uint64_t)D->cfg.payment_deadline_ms;
     *pr = (proc_req){ .gid = p->gid, .payment_id = p->payment_id,
                       .processor_ref = p->processor_ref[0] ? p->processor_ref : NULL, .amount = p->amount,
                       .currency = p->currency, .account = p->account, .reference = p->reference,
-                      .metadata = p->metadata };
+                      .metadata = p->metadata, .since_deadline_ms = (int64_t)loop_now_ms() - (int64_t)deadline,
+                      .debit_held = true };
+}
+
+/* The adapter can learn nothing more by asking: a person decides. The debit
+ * stays prepared, flagged for review (durably, before anyone is told). */
+static void stuck(payment *p, const proc_result *res)
+{
+    log_error("payment gid=%s key=%s event=processor_stuck error=\"%s\" alert=review", p->gid, p->key, res->error);
+    D->stats.alerts++;
+    pm_start_handoff(p, true, res->error[0] ? res->error : "the processor adapter can make no more progress");
 }
 
 
@@ -82,20 +95,20 @@ static void failpoint_after_send(payment *p)
 
 void pm_start_create(payment *p)
 {
-    if (p->unknown_seen && pm_past_deadline(p)) {
-        /* No create is sent again after the deadline: ask by gid, and
-         * cancel by key if the processor does not know it. */
-        log_info("payment gid=%s key=%s event=create_retry_past_deadline", p->gid, p->key);
-        p->attempts = 0;
-        pm_start_poll(p, 0);
-        return;
-    }
     if (!p->create_sent && pm_past_deadline(p)) {
         /* Phase 1 took the whole deadline (a locked account, a slow
          * database): the processor was never asked, and is not asked now
          * (its idempotency window counts from the deadline). */
         log_warn("payment gid=%s key=%s event=deadline_before_create", p->gid, p->key);
         decide(p, DEC_ROLLBACK, "deadline_exceeded");
+        return;
+    }
+    if (pm_past_deadline(p)) {
+        /* A retry that comes due after the deadline is never sent: stop
+         * the payment instead (cancel, or what the adapter can do). */
+        log_info("payment gid=%s key=%s event=create_retry_past_deadline", p->gid, p->key);
+        p->attempts = 0;
+        start_cancel(p);
         return;
     }
     p->create_sent = true;
@@ -211,6 +224,10 @@ static void poll_cb(const proc_result *res, void *arg)
     case PROC_RATE_LIMITED:
         pm_start_poll(p, res->retry_after_ms > 0 ? res->retry_after_ms : D->cfg.processor_poll_ms);
         return;
+    case PROC_CONFLICT:             /* a get that replays the create (proc.h) */
+    case PROC_STUCK:
+        stuck(p, res);
+        return;
     default:
         pm_start_poll(p, backoff_ms(D->cfg.processor_poll_ms, p->attempts++, 30000));
         return;
@@ -234,8 +251,11 @@ static void cancel_cb(const proc_result *res, void *arg)
     note_ref(p, res);
     switch (res->outcome) {
     case PROC_PAYMENT:
+        /* Still pending: the cancel was refused for now (a processor that
+         * cannot cancel in this status) or is asynchronous (its outcome comes
+         * by webhook): ask again, less and less often. */
         if (!decide_from(p, res))
-            pm_start_poll(p, D->cfg.processor_poll_ms);
+            pm_start_poll(p, backoff_ms(D->cfg.processor_poll_ms, p->attempts++, 30000));
         return;
     case PROC_ALREADY_SUCCEEDED:
         decide(p, DEC_COMMIT, NULL);
@@ -247,6 +267,9 @@ static void cancel_cb(const proc_result *res, void *arg)
         return;
     case PROC_RATE_LIMITED:
         pm_after(p, res->retry_after_ms > 0 ? res->retry_after_ms : D->cfg.processor_poll_ms, start_cancel);
+        return;
+    case PROC_STUCK:
+        stuck(p, res);
         return;
     default:
         pm_retry(p, D->cfg.processor_poll_ms, 30000, start_cancel);

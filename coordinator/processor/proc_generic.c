@@ -120,7 +120,13 @@ static void gen_shutdown(void)
     client = NULL;
 }
 
-static const proc_adapter generic = { "generic", gen_create, gen_get, gen_cancel, gen_in_flight, gen_shutdown };
+/* Get and cancel by our gid; the key window is the operator's
+ * processor_idempotency_window_s (recovery waits it out when cancel by key
+ * is unsupported). */
+static proc_caps caps = { .get = PROC_GET_BY_KEY, .cancel = PROC_CANCEL_BY_KEY, .key_max = 255 };
+
+static const proc_adapter generic = { .name = "generic", .create = gen_create, .get = gen_get, .cancel = gen_cancel,
+                                      .in_flight = gen_in_flight, .shutdown = gen_shutdown, .caps = &caps };
 
 int proc_generic_start(void)
 {
@@ -131,6 +137,7 @@ int proc_generic_start(void)
                       .max_connections = cfg->processor_max_connections ? cfg->processor_max_connections
                                                                          : cfg->max_in_flight,
                       .verify_peer = cfg->processor_verify_peer };
+    caps.key_window_ms = (int64_t)cfg->processor_idempotency_window_s * 1000;
     client = psp_new(loop_base(), &sc);
     if (!client)
         return -1;

@@ -1,9 +1,9 @@
 /*
- * psp.h - the payment-processor client (docs/processor.md), on libcurl's multi
- * interface driven by libevent (CURLMOPT_SOCKETFUNCTION/TIMERFUNCTION with
- * curl_multi_socket_action). Keep-alive connections are reused; nothing
- * blocks the loop (no curl_easy_perform; the base URL must be an IP literal
- * or be resolved by curl's threaded resolver).
+ * psp.h - the generic payment-processor contract (docs/processor.md), spoken
+ * over the adapters' HTTP client (http_client.h: libcurl's multi interface
+ * driven by libevent). Keep-alive connections are reused; nothing blocks the
+ * loop (no curl_easy_perform; the base URL must be an IP literal or be
+ * resolved by curl's threaded resolver).
  *
  * Callback contract: when psp_create/get/cancel/refund returns 0, the callback
  * fires exactly once, from the loop, never inside the call itself. The
@@ -18,6 +18,7 @@
 #define PAYCOORD_PSP_H
 
 #include "common.h"
+#include "http_client.h"
 #include <cjson/cJSON.h>
 
 struct event_base;
@@ -133,6 +134,6 @@ void psp_classify(const char *gid, long http_status, const char *body, size_t le
                   psp_result *res);
 
 /* Largest response body accepted; a longer one is PSP_UNKNOWN. */
-#define PSP_MAX_RESPONSE_BODY (1024 * 1024)
+#define PSP_MAX_RESPONSE_BODY HTTP_MAX_RESPONSE_BODY
 
 #endif

@@ -22,6 +22,55 @@ PAYCOORD_BIN = os.environ.get("PAYCOORD_BIN") or os.path.join(BUILD, "coordinato
 PSP_SIM = os.environ.get("PSP_SIM") or os.path.join(BUILD, "test", "processor", "psp-sim")
 PG_SH = os.path.join(SRC, "test", "pg.sh")
 TOKEN = "test-token-0123456789"
+# The processor API the suite runs against (psp-sim --mode and the daemon's
+# processor_api): generic, stripe or adyen. test/run-tests.sh runs the suite
+# once per value.
+PROCESSOR = os.environ.get("PC_PROCESSOR", "generic")
+# Webhook secrets the test processor signs with: Stripe's whsec_ string as
+# given, Adyen's HMAC key in hex (the example key of Adyen's documentation).
+WEBHOOK_SECRETS = {"stripe": "whsec_psp_sim_test_secret",
+                   "adyen": "44782DEF547AAA06C910C43932B1EB0C71FC68D9D0C057550C48EC2ACF6BA056"}
+ADYEN_MERCHANT = "PspSimMerchant"
+
+
+# The processor's own id of a payment, per API (psp-sim's formats).
+ID_PATTERN = {"generic": r"psp_\d{12}", "stripe": r"pi_\d{24}", "adyen": r"\d{16}"}[PROCESSOR]
+# The decline code of a plain decline by the test processor, as paycoord reports it.
+DECLINE_CODE = {"generic": "card_declined", "stripe": "generic_decline", "adyen": "Refused"}[PROCESSOR]
+# What recovery makes of a prepared debit whose create never reached the
+# processor, while its deadline is ahead (docs/processors.md): the generic
+# contract cancels by key (a tombstone): declined; Stripe and Adyen replay
+# the identical create with the same key, which performs it now: succeeded.
+# (Past the deadline: generic declined; Stripe declined once its search is
+# conclusive; Adyen manual review, as its technical cancel finds nothing.)
+NEVER_SENT = {"generic": "declined", "stripe": "succeeded", "adyen": "succeeded"}[PROCESSOR]
+
+
+# The path of a create, per API (pspproxy rules match on it).
+CREATE_PATH = {"generic": "/v1/payments", "stripe": "/v1/payment_intents", "adyen": "/v71/payments"}[PROCESSOR]
+# An answer that says our key was used with another request (manual review):
+# generic 409 idempotency_conflict; Stripe 400 idempotency_error; Adyen
+# documents none (its adapter never answers a conflict).
+CONFLICT = {"generic": (409, None),
+            "stripe": (400, {"error": {"type": "idempotency_error",
+                                       "message": "Keys for idempotent requests can only be used with the same "
+                                                  "parameters they were first used with."}}),
+            "adyen": None}[PROCESSOR]
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def only_processors(*modes, why):
+    """Mark a test that holds only for these processor APIs (a contract-
+    specific behaviour); it is skipped, with the reason, for the others."""
+    import pytest
+    return pytest.mark.skipif(PROCESSOR not in modes, reason=f"{PROCESSOR}: {why}")
 
 
 def wait_for(pred, timeout=10.0, interval=0.02, what="condition"):
@@ -98,7 +147,7 @@ class Postgres:
         with self.connect() as c:
             for (gid,) in c.execute("SELECT gid FROM pg_prepared_xacts").fetchall():
                 c.execute(f"ROLLBACK PREPARED '{gid}'")
-            c.execute("TRUNCATE ledger, payments, credits, resolutions, accounts")
+            c.execute("TRUNCATE ledger, payments, credits, resolutions, accounts, processor_events, recovery_state")
 
 
 # --------------------------------------------------------------- processor
@@ -108,11 +157,12 @@ class Processor:
     stripe or adyen (docs/processor.md); webhook_url/webhook_secret for the
     latter two (also settable later with set_webhook)."""
 
-    def __init__(self, workdir, mode="generic", webhook_url=None, webhook_secret=None):
+    def __init__(self, workdir, mode=None, webhook_url=None, webhook_secret=None):
+        mode = mode or PROCESSOR
         self.workdir = workdir
         self.mode = mode
         self.webhook_url = webhook_url
-        self.webhook_secret = webhook_secret
+        self.webhook_secret = webhook_secret or WEBHOOK_SECRETS.get(mode)
         self.token_file = os.path.join(workdir, "psp-token")
         with open(self.token_file, "w") as f:
             f.write(TOKEN + "\n")
@@ -143,6 +193,29 @@ class Processor:
     @property
     def url(self):
         return f"http://127.0.0.1:{self.port}"
+
+    def daemon_settings(self, workdir):
+        """What a daemon needs to talk to this processor in its mode."""
+        if self.mode == "generic":
+            return {"processor_api": "generic"}
+        secret = os.path.join(workdir, f"{self.mode}-webhook-secret")
+        with open(secret, "w") as f:
+            f.write(self.webhook_secret + "\n")
+        os.chmod(secret, 0o600)
+        out = {"processor_api": self.mode, "webhook_listen": f"127.0.0.1:{free_port()}"}
+        if self.mode == "stripe":
+            out.update(stripe_webhook_secret_file=secret, stripe_search_lag_s=1)
+        else:
+            out.update(processor_url=self.url + "/v71", adyen_merchant_account=ADYEN_MERCHANT,
+                       adyen_hmac_key_file=secret, adyen_webhook_timeout_s=5)
+        return out
+
+    def status(self, gid):
+        """The processor's own status of gid (its list), or None."""
+        for p in self.all_payments():
+            if p["idempotency_key"] == gid:
+                return p["status"]
+        return None
 
     def _req(self, method, path, body=None, port=None, auth=False):
         data = json.dumps(body).encode() if body is not None else None
@@ -289,6 +362,7 @@ class Daemon:
         self.config = os.path.join(workdir, "paycoord.conf")
         self.log = os.path.join(workdir, "paycoord.log")
         self.settings = {
+            **(psp.daemon_settings(workdir) if psp else {}),
             "listen_socket": self.socket,
             "db_conninfo": getattr(pg, "daemon_conninfo", pg.conninfo),
             "pool_size": 4,
@@ -305,6 +379,8 @@ class Daemon:
             "allow_root": "true" if os.geteuid() == 0 else "false",
         }
         self.settings.update(settings)
+        if "processor_url" not in settings and psp and psp.mode == "adyen":
+            self.settings["processor_url"] = psp.url + "/v71"
         self.proc = None
         self.env = {}
         self.bin = PAYCOORD_BIN          # a test may point one daemon at another build (e.g. ASan)
@@ -314,8 +390,15 @@ class Daemon:
             for k, v in self.settings.items():
                 f.write(f"{k} = {v}\n")
 
+    @property
+    def webhook_url(self):
+        listen = self.settings.get("webhook_listen")
+        return f"http://{listen}/webhook" if listen else None
+
     def start(self, wait_ready=True, env=None):
         self.write_config()
+        if self.psp and self.psp.mode != "generic" and self.webhook_url:
+            self.psp.set_webhook(url=self.webhook_url, secret=self.psp.webhook_secret)
         e = dict(os.environ)
         e.update(env or {})
         self.proc = subprocess.Popen([self.bin, "--config", self.config], env=e,
@@ -409,6 +492,21 @@ def timed_call(daemon, seconds, op, **fields):
         return None
     finally:
         c.close()
+
+
+def resolve_reviews(client, psp, reason="checked against the processor's own list (test operator)"):
+    """Act as the operator for every gid in manual review: settle it as the
+    processor's own list says (commit when it charged, roll back otherwise).
+    Returns {gid: (processor status or None, outcome)}."""
+    done = {}
+    for t in client.ok("prepared")["transactions"]:
+        if t["state"] != "review":
+            continue
+        st = psp.status(t["gid"])
+        action = "commit" if st == "succeeded" else "rollback"
+        r = client.ok("resolve", gid=t["gid"], action=action, reason=reason)
+        done[t["gid"]] = (st, r["outcome"])
+    return done
 
 
 # --------------------------------------------------------------- invariants

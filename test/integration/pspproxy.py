@@ -9,7 +9,9 @@ through unchanged.
     pp.add_rule("POST", "/v1/payments", "forward_then", status=500)   # charged, answer lost as a 500
     pp.add_rule("POST", "/v1/payments", "answer", status=422)         # the retry: 4xx, not forwarded
 
-Actions: `answer` (status/body without forwarding), `forward_then`
+Actions (a body given as bytes is sent as is, else as JSON; by default an
+error in the processor API's own shape): `answer` (status/body without
+forwarding), `forward_then`
 (forward, then answer status/body instead of the processor's answer),
 `forward_drop` (forward, then close the connection without an answer).
 Rules apply in order, each `count` times (None: always).
@@ -32,10 +34,18 @@ class _Rule:
         self.fired = threading.Event()
 
 
-def _default_body(status):
+def _default_body(status, mode="generic"):
+    """An error body in the processor API's own shape."""
     codes = {400: "invalid_request", 404: "not_found", 409: "idempotency_conflict", 422: "invalid_request",
              500: "internal", 502: "bad_gateway", 503: "unavailable"}
-    return {"error": {"code": codes.get(status, "error"), "message": f"injected by pspproxy ({status})"}}
+    msg = f"injected by pspproxy ({status})"
+    if mode == "stripe":
+        return {"error": {"type": "api_error" if status >= 500 else "invalid_request_error",
+                          "code": codes.get(status, "error"), "message": msg}}
+    if mode == "adyen":
+        return {"status": status, "errorCode": codes.get(status, "error"), "message": msg,
+                "errorType": "internal" if status >= 500 else "validation"}
+    return {"error": {"code": codes.get(status, "error"), "message": msg}}
 
 
 class PspProxy:
@@ -49,13 +59,20 @@ class PspProxy:
 
     @property
     def url(self):
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
+        """The processor_url to give the daemon (Adyen's carries the API version)."""
+        return f"http://127.0.0.1:{self.server.server_address[1]}" + ("/v71" if self.psp.mode == "adyen" else "")
 
     def add_rule(self, method, path_prefix, action, status=None, body=None, count=1):
         r = _Rule(method, path_prefix, action, status, body, count)
         with self.lock:
             self.rules.append(r)
         return r
+
+    def _body(self, rule):
+        """A rule's answer: bytes as given, else JSON (the API's error shape by default)."""
+        if isinstance(rule.body, bytes):
+            return rule.body
+        return json.dumps(rule.body if rule.body is not None else _default_body(rule.status, self.psp.mode)).encode()
 
     def clear_rules(self):
         with self.lock:
@@ -110,12 +127,10 @@ class PspProxy:
                 if rule is None:
                     st, ctype, data = self._forward(body)
                 elif rule.action == "answer":
-                    st, ctype = rule.status, "application/json"
-                    data = json.dumps(rule.body if rule.body is not None else _default_body(rule.status)).encode()
+                    st, ctype, data = rule.status, "application/json", proxy._body(rule)
                 elif rule.action == "forward_then":
                     self._forward(body)
-                    st, ctype = rule.status, "application/json"
-                    data = json.dumps(rule.body if rule.body is not None else _default_body(rule.status)).encode()
+                    st, ctype, data = rule.status, "application/json", proxy._body(rule)
                 else:                                   # forward_drop
                     self._forward(body)
                     proxy.log.append((self.command, self.path, "dropped", action))

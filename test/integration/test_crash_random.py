@@ -2,7 +2,8 @@
 CI=true, 25 otherwise), each seed printed; a failing seed reproduces with
 `crash_driver.py --seed S --rounds 1` (see docs/recovery.md). PC_CRASH_FAULTS
 (comma-separated) restricts the fault kinds, PC_CRASH_REUSE_P sets the
-probability of a reuse race per round."""
+probability of a reuse race per round. The processor API is the suite's
+(PC_PROCESSOR)."""
 
 import os
 import random
@@ -13,7 +14,7 @@ from crash_driver import Driver
 def test_random_crash_rounds(env, capsys):
     rounds = int(os.environ.get("PC_CRASH_ROUNDS", "200" if os.environ.get("CI") == "true" else "25"))
     first = int(os.environ.get("PC_CRASH_SEED", random.randrange(1, 2**31)))
-    out = os.path.join(os.environ.get("PAYCOORD_BUILD", "/tmp"), "crash-rounds.log")
+    out = os.path.join(os.environ.get("PAYCOORD_BUILD", "/tmp"), f"crash-rounds-{env.psp.mode}.log")
     logf = open(out, "w")       # run-tests.sh prints it: every seed, even when all pass
 
     def log(m):
@@ -32,7 +33,8 @@ def test_random_crash_rounds(env, capsys):
             env.daemons.append(drv.daemon)       # killed at teardown
         if drv.proxy:
             env.proxies.append(drv.proxy)
-    log(f"crash driver: {rounds} rounds from seed {first}")
+    log(f"crash driver: {rounds} rounds from seed {first}, processor {env.psp.mode}")
     for i in range(rounds):
         drv.round(first + i)
-    log(f"crash driver: {rounds} rounds passed, {len(drv.answers)} final answers checked")
+    log(f"crash driver: {rounds} rounds passed, {len(drv.answers)} final answers checked, "
+        f"{drv.reviews} reviews settled by the operator")

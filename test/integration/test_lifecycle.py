@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from harness import PG_SH, SRC, TOKEN, Client, check_invariants, wait_for
+from harness import NEVER_SENT, PG_SH, SRC, TOKEN, Client, check_invariants, wait_for
 from test_operations import FakeNotify
 
 
@@ -80,7 +80,7 @@ def test_extend_timeout_during_long_startup_recovery(env):
     assert not any(m.startswith("READY=1") for m in n.messages)       # not ready before recovery is done
     n.wait_for("READY=1", timeout=15)
     c = d.client()
-    assert c.ok("status", idempotency_key="x-1")["status"] == "declined"
+    assert c.ok("status", idempotency_key="x-1")["status"] == NEVER_SENT
     env.psp.faults(latency_ms=0)
     d.stop()
     check_invariants(env.pg, env.psp)

@@ -105,7 +105,18 @@ typedef struct sim_psp_faults {
     double conflict;          /* 409 idempotency_conflict (manual review) */
     bool no_cancel;           /* cancel by key is unsupported (501) */
     bool down;                /* unreachable: every call fails */
+    double webhook_lost;      /* adyen: a webhook is never delivered */
+    bool autocapture;         /* adyen: authorised charges are captured: a technical cancel fails */
 } sim_psp_faults;
+
+/* What the processor's adapter answers (sim_proc.c's header comment). */
+typedef enum { SIM_PROFILE_GENERIC = 0, SIM_PROFILE_STRIPE, SIM_PROFILE_ADYEN, SIM_PROFILE__COUNT } sim_profile;
+void sim_psp_set_profile(sim_profile p);   /* before sim_psp_install() */
+sim_profile sim_psp_profile(void);
+const char *sim_profile_name(sim_profile p);
+
+/* sim_main.c: is the daemon up (its webhook listener with it)? */
+bool sim_daemon_running(void);
 
 void sim_psp_reset(void);
 void sim_psp_set_faults(const sim_psp_faults *f);

@@ -347,7 +347,10 @@ static void deliver_answer(call *c)
                                                .age_ms = (sim_now_us() - x->prepared_us) / 1000,
                                                .since_deadline_ms = (sim_now_us() - (r ? r->deadline_us
                                                                                    : x->prepared_us)) / 1000,
-                                               .attempts = s ? s->attempts : 0 };
+                                               .attempts = s ? s->attempts : 0,
+                                               .processor_ref = r && r->processor_ref[0] ? r->processor_ref : NULL,
+                                               .account = r ? r->account : "", .currency = r ? r->currency : "",
+                                               .amount = r ? r->amount : 0 };
             }
             for (int i = 0; i < cur.np; i++) {
                 const prow *r = &cur.p[i];
@@ -359,7 +362,10 @@ static void deliver_answer(call *c)
                                                .past_deadline = sim_now_us() >= r->deadline_us,
                                                .age_ms = (sim_now_us() - r->created_us) / 1000,
                                                .since_deadline_ms = (sim_now_us() - r->deadline_us) / 1000,
-                                               .attempts = s ? s->attempts : 0 };
+                                               .attempts = s ? s->attempts : 0,
+                                               .processor_ref = r->processor_ref[0] ? r->processor_ref : NULL,
+                                               .account = r->account, .currency = r->currency,
+                                               .amount = r->amount };
             }
             l.n = n;
             l.items = items;
