@@ -882,23 +882,36 @@ def test_rate_limited_create_is_not_resent_after_the_deadline(env):
     """A create answered 429 again and again was retried without bound, past
     the payment deadline (the processor's idempotency window and recovery's
     cancel-by-key rules count from it). Now the retries stop at the
-    deadline: the daemon cancels by key instead of sending the create again,
-    the payment ends declined `canceled`, nothing charged."""
+    deadline: the daemon cancels instead of sending the create again. The
+    generic contract's cancel by key (and Stripe, once its search is
+    conclusive) ends it declined `canceled`, nothing charged. Adyen's
+    technical cancel finds nothing and no webhook decides: a 429 proves
+    nothing, so the gid goes to manual review with its debit held, and a
+    person rolls it back."""
     env.psp.faults(rate_limit_rate=1.0, retry_after_s=1, fault_ops=["create"])
     d = env.daemon(payment_deadline_ms=3000, pay_wait_ms=500, **FAST)
     c = d.client()
     env.open_account(c, "rl", balance=1000)
     r = c.call("pay", account="rl", amount=100, currency="EUR", idempotency_key="k-rl")
     assert r["ok"] and r["result"]["status"] == "pending", r
-    wait_for(lambda: c.ok("status", idempotency_key="k-rl")["status"] != "pending", timeout=20,
-             what="the payment settled after its deadline")
-    st = c.ok("status", idempotency_key="k-rl")
-    assert (st["status"], st["decline_code"]) == ("declined", "canceled"), st
+    if PROCESSOR == "adyen":
+        wait_for(lambda: "event=processor_stuck" in d.log_text(), timeout=30,
+                 what="the Adyen payment handed to review")
+    else:
+        wait_for(lambda: c.ok("status", idempotency_key="k-rl")["status"] != "pending", timeout=30,
+                 what="the payment settled after its deadline")
     assert "event=create_retry_past_deadline" in d.log_text()
     limited = env.psp.counters()["rate_limited"]
     assert limited <= 5, limited                       # about one create a second until the deadline
     time.sleep(2)
     assert env.psp.counters()["rate_limited"] == limited   # and none after
+    if PROCESSOR == "adyen":
+        gid = env.pg.query("SELECT gid FROM payments WHERE idempotency_key = 'k-rl'")[0][0]
+        assert c.ok("status", idempotency_key="k-rl")["status"] == "pending"
+        c.ok("resolve", gid=gid, action="rollback", reason="test: Adyen shows no payment under this reference")
+    st = c.ok("status", idempotency_key="k-rl")
+    code = "resolved_manually" if PROCESSOR == "adyen" else "canceled"
+    assert (st["status"], st["decline_code"]) == ("declined", code), st
     assert c.ok("balance", account="rl")["balance"] == 1000
     d.stop()
     env.psp.faults(rate_limit_rate=0)

@@ -635,8 +635,25 @@ static preq *req_new(op o, const proc_req *req, proc_cb cb, void *arg)
     return q;
 }
 
+static char late_create[80];          /* the first gid created after its stored deadline */
+
+/* The processor's idempotency window is counted from the stored deadline: no
+ * create may be sent after it, neither a create nor a get that replays one
+ * (Stripe without the intent's id, Adyen: submitted only to replay). */
+static void check_create_time(op o, const proc_req *req)
+{
+    bool creates = o == OP_CREATE ||
+                   (o == OP_GET && profile == SIM_PROFILE_ADYEN) ||
+                   (o == OP_GET && profile == SIM_PROFILE_STRIPE && !req->processor_ref && req->debit_held &&
+                    req->since_deadline_ms < 0);
+    int64_t deadline = creates ? sim_db_deadline_us(req->gid) : 0;
+    if (deadline && sim_now_us() > deadline && !late_create[0])
+        snprintf(late_create, sizeof(late_create), "%s", req->gid);
+}
+
 static int submit(op o, const proc_req *req, proc_cb cb, void *arg)
 {
+    check_create_time(o, req);
     preq *q = req_new(o, req, cb, arg);
     if (!q)
         return -1;
@@ -669,18 +686,7 @@ static int adyen_local(op o, const proc_req *req, proc_cb cb, void *arg)
     return 0;
 }
 
-static char late_create[80];          /* the first gid created after its stored deadline */
-
-static int m_create(const proc_req *req, proc_cb cb, void *arg)
-{
-    /* The processor's idempotency window is counted from the stored
-     * deadline: no create may be sent after it. */
-    int64_t deadline = sim_db_deadline_us(req->gid);
-    if (deadline && sim_now_us() > deadline && !late_create[0])
-        snprintf(late_create, sizeof(late_create), "%s", req->gid);
-    return submit(OP_CREATE, req, cb, arg);
-}
-
+static int m_create(const proc_req *req, proc_cb cb, void *arg) { return submit(OP_CREATE, req, cb, arg); }
 const char *sim_psp_late_create(void) { return late_create[0] ? late_create : NULL; }
 static int m_get(const proc_req *req, proc_cb cb, void *arg)
 {
