@@ -72,6 +72,11 @@ typedef void (*http_cb)(const http_answer *a, void *arg);
 /* NULL (logged) for a URL that is not http(s) or has a query or fragment,
  * or an auth header with control characters. */
 http_client *http_new(struct event_base *base, const http_config *cfg) PC_MUSTCHECK;
+
+/* The client of an adapter (proc_start.c): the processor_* settings of the
+ * configuration, the header auth_prefix followed by the token. NULL when
+ * there is no token or it cannot be made. */
+http_client *proc_http_client(const char *name, const char *auth_prefix) PC_MUSTCHECK;
 void http_free(http_client *c);
 
 int http_send(http_client *c, const http_request *rq, http_cb cb, void *arg) PC_MUSTCHECK;

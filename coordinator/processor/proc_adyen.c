@@ -355,19 +355,9 @@ int proc_adyen_start(void)
     }
     list_init(&deferred);
     events_loaded = false;
-    sbuf auth;
-    sbuf_init(&auth);
-    sbuf_printf(&auth, "X-API-Key: %s", D->token);
-    http_config hc = { .name = "adyen", .base_url = cfg->processor_url, .auth_header = sbuf_str(&auth),
-                       .connect_timeout_ms = cfg->processor_connect_timeout_ms,
-                       .request_timeout_ms = cfg->processor_timeout_ms,
-                       .max_connections = cfg->processor_max_connections ? cfg->processor_max_connections
-                                                                          : cfg->max_in_flight,
-                       .verify_peer = cfg->processor_verify_peer };
     uint64_t keep = 2 * (uint64_t)cfg->payment_deadline_ms + 2 * (uint64_t)cfg->adyen_webhook_timeout_s * 1000 +
                     3600000;
-    client = sbuf_ok(&auth) && D->token && D->token[0] ? http_new(loop_base(), &hc) : NULL;
-    sbuf_free(&auth);
+    client = proc_http_client("adyen", "X-API-Key: ");
     if (!client || proc_known_init(keep) != 0) {
         http_free(client);
         client = NULL;

@@ -3,6 +3,9 @@
 #include "proc.h"
 #include "ctx.h"
 #include "log.h"
+#include "http_client.h"
+#include "loop.h"
+#include "sbuf.h"
 
 #include <string.h>
 
@@ -25,4 +28,23 @@ int proc_start(void)
                    : adapter->caps->cancel == PROC_CANCEL_BY_REFERENCE_ASYNC ? "by_reference_async" : "none",
                    adapter->caps->webhooks ? 1 : 0);
     return rc;
+}
+
+http_client *proc_http_client(const char *name, const char *auth_prefix)
+{
+    const pc_config *cfg = &D->cfg;
+    if (!D->token || !D->token[0])
+        return NULL;
+    sbuf auth;
+    sbuf_init(&auth);
+    sbuf_printf(&auth, "%s%s", auth_prefix, D->token);
+    http_config hc = { .name = name, .base_url = cfg->processor_url, .auth_header = sbuf_str(&auth),
+                       .connect_timeout_ms = cfg->processor_connect_timeout_ms,
+                       .request_timeout_ms = cfg->processor_timeout_ms,
+                       .max_connections = cfg->processor_max_connections ? cfg->processor_max_connections
+                                                                          : cfg->max_in_flight,
+                       .verify_peer = cfg->processor_verify_peer };
+    http_client *client = sbuf_ok(&auth) ? http_new(loop_base(), &hc) : NULL;
+    sbuf_free(&auth);
+    return client;
 }

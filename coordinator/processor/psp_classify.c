@@ -2,6 +2,7 @@
  * status and body mapped to a psp_outcome and, when there is one, the payment
  * object. Pure (no I/O, no clock): psp.c and the unit tests share it. */
 #include "psp.h"
+#include "proc_util.h"
 
 #include <stdio.h>
 #include <string.h>
@@ -60,21 +61,6 @@ static bool parse_status(const char *s, psp_status *out)
     return false;
 }
 
-/* An integral JSON number that a double holds exactly (|x| <= 2^53). */
-static bool json_int(const cJSON *item, int64_t *out)
-{
-    if (!cJSON_IsNumber(item))
-        return false;
-    double d = item->valuedouble;
-    if (!(d >= -9007199254740992.0 && d <= 9007199254740992.0))
-        return false;
-    int64_t v = (int64_t)d;
-    if ((double)v != d)
-        return false;
-    *out = v;
-    return true;
-}
-
 /*
  * Fill p from a payment object. Required: id, idempotency_key (== gid when
  * gid is given), status (one of the four), amount, currency (3 letters; both
@@ -121,7 +107,7 @@ static bool parse_payment(const cJSON *o, const char *gid, psp_payment *p, const
     bool tombstone_ok = p->status == PSP_ST_CANCELED;
     if (tombstone_ok && (amount == NULL || cJSON_IsNull(amount))) {
         p->amount = 0;
-    } else if (!json_int(amount, &p->amount)) {
+    } else if (!proc_json_int(amount, &p->amount)) {
         *why = "payment_bad_amount";
         return false;
     }
@@ -132,7 +118,7 @@ static bool parse_payment(const cJSON *o, const char *gid, psp_payment *p, const
         *why = "payment_bad_currency";
         return false;
     }
-    if (!json_int(created, &p->created)) {
+    if (!proc_json_int(created, &p->created)) {
         *why = "payment_bad_created";
         return false;
     }
