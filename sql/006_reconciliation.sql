@@ -214,6 +214,7 @@ BEGIN
            resolution = 'both sides agree (run ' || p_run || ')'
       FROM recon_page r
      WHERE r.kind = 'matched' AND d.gid = r.gid AND d.state = 'open' AND d.kind <> 'review'
+       AND NOT EXISTS (SELECT 1 FROM recon_page r2 WHERE r2.gid = r.gid AND r2.kind <> 'matched')
        AND NOT EXISTS (SELECT 1 FROM discrepancy_settlements s WHERE s.discrepancy_id = d.discrepancy_id);
 
     SELECT ARRAY[count(*),
