@@ -98,9 +98,10 @@ ALTER TABLE ledger ADD CONSTRAINT ledger_sign
            OR discrepancy_id IS NOT NULL);
 CREATE UNIQUE INDEX ledger_one_entry_per_settlement ON ledger (discrepancy_id) WHERE discrepancy_id IS NOT NULL;
 
--- The shape of the gids paycoord makes: pc:<node>:<32 hex of the payment id>.
+-- The shape of the gids paycoord makes (proto/gid.h): pc:<node>:<the payment
+-- id in 26 lower-case base32 characters>, or 32 hex digits (paycoord 0.1).
 CREATE FUNCTION pc_gid_wellformed(p_gid text) RETURNS boolean LANGUAGE sql IMMUTABLE AS $$
-    SELECT p_gid ~ '^pc:[A-Za-z0-9_-]{1,32}:[0-9a-f]{32}$'
+    SELECT p_gid ~ '^pc:[A-Za-z0-9_-]{1,32}:([a-z2-7]{26}|[0-9a-f]{32})$'
 $$;
 
 -- Start a run, or hand back the one still running (a crashed or stopped
