@@ -42,6 +42,7 @@
 
 #define TICK_MS 60000
 #define FIRST_TICK_MS 1000
+#define EARLY_TICK_MS 2000             /* until the first check ran (a run to resume is not left waiting a minute) */
 #define LIST_ATTEMPTS 6
 #define YIELD_MAX_MS 1000
 #define RUNS_SHOWN 10
@@ -55,6 +56,7 @@ static struct {
     bool starting;                 /* lock / start query in flight */
     bool active;                   /* driving a run */
     bool in_call;                  /* a list or page call is in flight */
+    bool checked;                  /* a start query has been answered since this daemon started */
     loop_timer tick, step;
     pc_request *waiter;            /* the reconcile request waiting for its run to start */
     /* the run */
@@ -392,6 +394,8 @@ static void start_cb(st_status st, const char *sqlstate, const char *errmsg, con
         free(x);
         return;
     }
+    if (st == ST_OK)
+        R.checked = true;
     cJSON *run = st == ST_OK ? cJSON_Parse(json) : NULL;
     if (st != ST_OK || !cJSON_IsObject(run)) {
         if (st != ST_OK)
@@ -445,6 +449,9 @@ static void lock_cb(st_status st, bool got, void *arg)
     }
     if (st != ST_OK || !got) {
         R.starting = false;
+        if (st == ST_OK)
+            R.checked = true;      /* another node holds it: that node drives the run */
+        log_debug("recon event=lock_%s", st == ST_OK ? "busy" : "failed");
         answer_waiter(NULL, false, st != ST_OK ? PROTO_ERR_UNAVAILABLE : PROTO_ERR_OVERLOADED,
                       st != ST_OK ? "database unavailable; no run started"
                                   : "a reconciliation run is in progress on another node; see reconcile_status");
@@ -497,7 +504,7 @@ static bool schedule_due(int64_t *from_s, int64_t *to_s)
 static void tick(void *arg)
 {
     (void)arg;
-    loop_timer_start(&R.tick, TICK_MS);
+    loop_timer_start(&R.tick, R.checked ? TICK_MS : EARLY_TICK_MS);
     refresh_counts();
     if (R.active || R.starting || R.stopping || !rec_node_locked() || !rec_first_pass_done() || !store_is_up())
         return;

@@ -112,3 +112,242 @@ def test_payment_row_deleted_is_found_and_settled_by_a_debit(env):
     assert run["state"] == "done" and open_discrepancies(c) == []
     audit_ok(c)
     check_invariants(env.pg, env.psp)
+
+
+@pytest.mark.skipif(PROCESSOR != "generic", reason="generic list endpoint")
+def test_refund_at_the_processor_is_settled_by_a_credit(env):
+    d = env.daemon()
+    c = d.client()
+    env.open_account(c, "acct-1", balance=5000)
+    pay(c, "acct-1", 1200, "r1")
+    pay(c, "acct-1", 300, "r2")
+    gid = gid_of(env, "r1")
+    st, body = env.psp.refund(gid)
+    assert st == 200 and body["refunded"], body
+
+    run = run_reconcile(c, **window())
+    ds = open_discrepancies(c)
+    assert [(x["kind"], x["gid"]) for x in ds] == [("debited_not_charged", gid)], ds
+    assert ds[0]["theirs"]["refunded"] is True and ds[0]["ours"]["amount"] == 1200
+    assert "refunded" in ds[0]["detail"]
+    assert run["differences"] == 1 and run["matched"] == 1
+    r = settle(c, ds[0], "credit")
+    assert r["result"]["outcome"] == "settled" and r["result"]["amount"] == 1200, r
+    assert c.ok("balance", account="acct-1")["balance"] == 5000 - 300
+    audit_ok(c)
+    check_invariants(env.pg, env.psp)
+
+
+@pytest.mark.skipif(PROCESSOR != "generic", reason="generic list endpoint")
+def test_amount_changed_at_the_processor_and_a_debit_the_balance_cannot_cover(env):
+    d = env.daemon()
+    c = d.client()
+    env.open_account(c, "acct-1", balance=1000)
+    pay(c, "acct-1", 900, "a1")
+    gid = gid_of(env, "a1")
+    st, _ = env.psp._req("POST", "/control/amend", {"key": gid, "amount": 1500})
+    assert st == 200
+
+    run_reconcile(c, **window())
+    ds = open_discrepancies(c)
+    assert [(x["kind"], x["gid"]) for x in ds] == [("amount_mismatch", gid)], ds
+    assert ds[0]["ours"]["amount"] == 900 and ds[0]["theirs"]["amount"] == 1500
+    # I4: a compensating debit of 600 on a balance of 100 is refused, clearly.
+    r = settle(c, ds[0], "debit")
+    assert r["error"]["code"] == "invalid_request", r
+    assert "holds 100 EUR, less than the compensating debit of 600" in r["error"]["message"], r
+    assert c.ok("balance", account="acct-1")["balance"] == 100
+    assert len(open_discrepancies(c)) == 1
+    c.ok("credit", account="acct-1", amount=1000, currency="EUR", idempotency_key="topup")
+    r = settle(c, ds[0], "debit")
+    assert r["result"]["outcome"] == "settled" and r["result"]["amount"] == 600, r
+    assert c.ok("balance", account="acct-1")["balance"] == 500
+    audit_ok(c)
+    check_invariants(env.pg, env.psp)
+
+
+@pytest.mark.skipif(PROCESSOR != "generic", reason="generic list endpoint")
+def test_charges_made_directly_at_the_processor_under_our_prefix(env):
+    d = env.daemon()
+    c = d.client()
+    env.open_account(c, "acct-1", balance=3000)
+    pay(c, "acct-1", 100, "d1")
+    # Not a gid paycoord makes (wrong shape), and one that has our shape but no row.
+    st, _ = env.psp.create("pc:t1:manual-charge-1", 700, "EUR", "acct-1")
+    assert st == 201
+    shaped = "pc:t1:" + "a" * 26
+    st, _ = env.psp.create(shaped, 250, "EUR", "acct-1")
+    assert st == 201
+    # Someone else's payment at the same processor: not ours, not compared.
+    st, _ = env.psp.create("shop-42-order-7", 999, "EUR", "elsewhere")
+    assert st == 201
+
+    run = run_reconcile(c, **window())
+    assert run["not_ours"] == 1 and run["seen"] == 4, run
+    ds = by_gid(open_discrepancies(c))
+    assert ds["pc:t1:manual-charge-1"]["kind"] == "unknown_gid"
+    assert ds[shaped]["kind"] == "charged_not_debited"
+    assert set(ds) == {"pc:t1:manual-charge-1", shaped}
+    # The stray charge is refunded at the processor by the operator, then accepted;
+    # the other one is the customer's (their account): debited.
+    env.psp.refund("pc:t1:manual-charge-1")
+    r = settle(c, ds["pc:t1:manual-charge-1"], "accept", reason="refunded at the processor, ticket OPS-7")
+    assert r["result"]["outcome"] == "settled" and r["result"].get("entry_id") is None, r
+    r = settle(c, ds[shaped], "debit")
+    assert r["result"]["outcome"] == "settled" and r["result"]["amount"] == 250, r
+    assert open_discrepancies(c) == []
+    audit_ok(c)
+    check_invariants(env.pg, env.psp)
+
+
+@pytest.mark.skipif(PROCESSOR != "generic", reason="generic list endpoint and cancel by key")
+def test_wrong_manual_resolve_is_found(env):
+    """An operator rolls back an in-doubt debit that the processor had in fact
+    charged: the payment is declined here, charged there."""
+    env.psp.faults(fail_before_rate=1.0, fault_ops=["get", "cancel"])
+    d = env.daemon(recovery_interval_ms=200, max_recovery_attempts=100000)
+    c = d.client()
+    env.open_account(c, "acct-1", balance=2000)
+    d.kill9()
+    pid, gid = prepare_debit(env.pg, "wrong-1", "acct-1", 800)
+    st, _ = env.psp.create(gid, 800, "EUR", "acct-1")
+    assert st == 201
+    d.start()
+    c = d.client()
+
+    def resolved():
+        r = c.call("resolve", gid=gid, action="rollback", reason="operator misread the dashboard")
+        return "result" in r and r["result"]["outcome"] == "rolled_back"
+
+    wait_for(resolved, timeout=20, interval=0.2, what="the wrong resolve")
+    env.psp.faults(fail_before_rate=0.0)
+    assert env.pg.query("SELECT derived_status FROM payments_view WHERE gid = %s", (gid,))[0][0] == "declined"
+
+    run_reconcile(c, **window())
+    ds = open_discrepancies(c)
+    assert [(x["kind"], x["gid"]) for x in ds] == [("charged_not_debited", gid)], ds
+    assert ds[0]["ours"]["status"] == "declined"
+    r = settle(c, ds[0], "debit", reason="the resolve of ticket OPS-9 was wrong: the processor charged it")
+    assert r["result"]["outcome"] == "settled" and r["result"]["amount"] == 800, r
+    assert c.ok("balance", account="acct-1")["balance"] == 1200
+    audit_ok(c)
+    check_invariants(env.pg, env.psp)
+
+
+@pytest.mark.skipif(PROCESSOR != "generic", reason="generic list endpoint")
+def test_restore_from_a_dump_taken_before_a_batch(env):
+    """The real restore-from-backup case: pg_dump, a batch of payments the
+    processor charges, pg_restore of the dump. The batch's rows and debits
+    are gone here; the processor kept every charge."""
+    d = env.daemon()
+    c = d.client()
+    env.open_account(c, "acct-1", balance=20000)
+    env.open_account(c, "acct-2", balance=20000)
+    pay(c, "acct-1", 500, "before-1")
+    dump = os.path.join(env.workdir, "before.dump")
+    subprocess.run([os.path.join(PG_BIN, "pg_dump"), "-h", env.pg.sock, "-U", "postgres", "-Fc", "-f", dump,
+                    "paycoord"], check=True)
+    batch = {}
+    for i in range(6):
+        acct = "acct-1" if i % 2 else "acct-2"
+        pay(c, acct, 100 * (i + 1), f"batch-{i}")
+        batch[gid_of(env, f"batch-{i}")] = (acct, 100 * (i + 1))
+    d.stop()
+    subprocess.run([os.path.join(PG_BIN, "pg_restore"), "-h", env.pg.sock, "-U", "postgres", "--clean",
+                    "--if-exists", "--single-transaction", "-d", "paycoord", dump], check=True)
+    assert env.pg.query("SELECT count(*) FROM payments")[0][0] == 1
+    d.start()
+    c = d.client()
+    audit_ok(c)
+
+    run = run_reconcile(c, **window())
+    assert run["seen"] == 7 and run["matched"] == 1, run
+    ds = by_gid(open_discrepancies(c))
+    assert set(ds) == set(batch), ds
+    for gid, (acct, amount) in batch.items():
+        assert ds[gid]["kind"] == "charged_not_debited" and ds[gid]["ours"] is None
+        assert ds[gid]["theirs"]["amount"] == amount and ds[gid]["account"] == acct
+        r = settle(c, ds[gid], "debit", reason="lost in the restore of the 16:00 backup")
+        assert r["result"]["outcome"] == "settled", r
+    assert c.ok("balance", account="acct-1")["balance"] == 20000 - 500 - (200 + 400 + 600)
+    assert c.ok("balance", account="acct-2")["balance"] == 20000 - (100 + 300 + 500)
+    audit_ok(c)
+    check_invariants(env.pg, env.psp)
+
+
+@pytest.mark.skipif(PROCESSOR != "generic", reason="generic list endpoint")
+def test_review_flags_without_a_prepared_transaction_are_discrepancies(env):
+    """A review flag recovery left on a gid with no prepared transaction (e.g.
+    the processor charged a payment that holds no debit) shows up in the same
+    list; settling it clears the flag."""
+    d = env.daemon()
+    c = d.client()
+    env.open_account(c, "acct-1", balance=1000)
+    pay(c, "acct-1", 400, "v1")
+    gid = gid_of(env, "v1")
+    env.pg.query("INSERT INTO recovery_state (gid, payment_id, attempts, last_error, review) "
+                 "SELECT gid, payment_id, 3, 'expired_unconfirmed', true FROM payments WHERE gid = %s "
+                 "RETURNING gid", (gid,))
+    run_reconcile(c, **window())
+    ds = open_discrepancies(c)
+    assert [(x["kind"], x["gid"]) for x in ds] == [("review", gid)], ds
+    assert "expired_unconfirmed" in ds[0]["detail"]
+    r = settle(c, ds[0], "accept", reason="checked: charged once, debited once")
+    assert r["result"]["outcome"] == "settled", r
+    assert env.pg.query("SELECT review FROM recovery_state WHERE gid = %s", (gid,))[0][0] is False
+    audit_ok(c)
+    check_invariants(env.pg, env.psp)
+
+
+def bulk_create(psp, n, prefix, amount=100, account="bulk"):
+    """n charges straight at psp-sim on one keep-alive connection."""
+    conn = http.client.HTTPConnection("127.0.0.1", psp.port, timeout=30)
+    from harness import TOKEN
+    for i in range(n):
+        key = f"{prefix}{i}"
+        body = json.dumps({"idempotency_key": key, "amount": amount, "currency": "EUR", "account": account})
+        conn.request("POST", "/v1/payments", body, {"Content-Type": "application/json", "Idempotency-Key": key,
+                                                    "Authorization": f"Bearer {TOKEN}"})
+        r = conn.getresponse()
+        r.read()
+        assert r.status == 201, r.status
+    conn.close()
+
+
+@pytest.mark.skipif(PROCESSOR != "generic", reason="generic list endpoint")
+def test_crash_mid_run_resumes_without_losing_or_repeating_a_page(env):
+    n_other, n_ours = 2000, 30
+    bulk_create(env.psp, n_other, "other-shop-")
+    d = env.daemon(recon_page_size=50, recon_page_pause_ms=60)
+    c = d.client()
+    env.open_account(c, "acct-1", balance=100000)
+    bulk_create(env.psp, n_ours, "pc:t1:stray-", amount=10, account="acct-1")    # 30 unknown_gid
+    for i in range(5):
+        pay(c, "acct-1", 10 + i, f"m{i}")
+    total = n_other + n_ours + 5
+    started = c.ok("reconcile", **window())
+    run_id = started["run_id"]
+    wait_for(lambda: env.pg.query("SELECT pages FROM recon_runs WHERE run_id = %s", (run_id,))[0][0] >= 8,
+             timeout=30, what="some pages")
+    d.kill9()
+    state, pages, seen = env.pg.query("SELECT state, pages, seen FROM recon_runs WHERE run_id = %s", (run_id,))[0]
+    assert state == "running" and 0 < seen < total, (state, pages, seen)
+    # Restarted, the daemon resumes the run on its own (from its cursor).
+    d.start()
+    c = d.client()
+    wait_for(lambda: env.pg.query("SELECT state FROM recon_runs WHERE run_id = %s", (run_id,))[0][0] == "done",
+             timeout=60, what="the resumed run")
+    row = env.pg.query("SELECT seen, not_ours, matched, differences, pages FROM recon_runs WHERE run_id = %s",
+                       (run_id,))[0]
+    assert row[:4] == (total, n_other, 5, n_ours), row
+    assert row[4] == -(-total // 50), row           # every page exactly once
+    assert "event=resumed" in d.log_text()
+    ds = open_discrepancies(c)
+    assert len(ds) == n_ours and {x["kind"] for x in ds} == {"unknown_gid"}
+    assert env.pg.query("SELECT count(*) FROM recon_runs")[0][0] == 1
+    for x in ds:
+        env.psp.refund(x["gid"])
+        r = settle(c, x, "accept", reason="stray test charges, refunded at the processor")
+        assert r["result"]["outcome"] == "settled", r
+    audit_ok(c)
+    check_invariants(env.pg, env.psp)
