@@ -351,3 +351,57 @@ def test_crash_mid_run_resumes_without_losing_or_repeating_a_page(env):
         assert r["result"]["outcome"] == "settled", r
     audit_ok(c)
     check_invariants(env.pg, env.psp)
+
+
+CTL = os.path.join(os.environ.get("PAYCOORD_BUILD") or os.path.join(os.path.dirname(__file__), "..", "..", "build"),
+                   "coordinator", "ctl", "paycoordctl")
+
+
+def ctl(d, *args):
+    return subprocess.run([CTL, "--socket", d.socket, *[str(a) for a in args]], capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=60)
+
+
+@pytest.mark.skipif(PROCESSOR != "generic", reason="generic list endpoint")
+def test_paycoordctl_reconcile_discrepancies_settle_and_audit(env):
+    d = env.daemon()
+    c = d.client()
+    env.open_account(c, "acct-1", balance=4000)
+    pay(c, "acct-1", 1000, "c1")
+    pay(c, "acct-1", 700, "c2")
+    forget_payment(env, "c2")
+    r = ctl(d, "audit")
+    assert r.returncode == 0 and "audit ok" in r.stdout, r
+
+    w = window()
+    r = ctl(d, "--json", "reconcile", "--from", w["from"], "--to", w["to"], "--wait")
+    assert r.returncode == 0, r
+    run = json.loads(r.stdout)
+    assert run["state"] == "done" and run["seen"] == 2 and run["differences"] == 1, run
+    r = ctl(d, "reconcile", "status")
+    assert r.returncode == 0 and "done" in r.stdout and "(1 row)" in r.stdout, r
+    r = ctl(d, "discrepancies")
+    assert r.returncode == 0 and "charged_not_debited" in r.stdout and "(1 row)" in r.stdout, r
+    disc = json.loads(ctl(d, "--json", "discrepancies").stdout)["discrepancies"][0]
+
+    r = ctl(d, "settle-discrepancy", disc["id"], "--action", "debit", "--reason", "lost commit")
+    assert r.returncode == 2 and "--yes" in r.stderr, r          # no terminal, no --yes: refused
+    r = ctl(d, "settle-discrepancy", disc["id"], "--action", "credit", "--reason", "lost commit", "--yes")
+    assert r.returncode == 1 and "calls for a debit of 700" in r.stderr, r
+    r = ctl(d, "--json", "settle-discrepancy", disc["id"], "--action", "debit", "--reason", "lost commit", "--yes")
+    assert r.returncode == 0 and json.loads(r.stdout)["outcome"] == "settled", r
+    r = ctl(d, "discrepancies", "--all")
+    assert r.returncode == 0 and "resolved" in r.stdout, r
+
+    # The audit finds a balance that is not the sum of its ledger (exit 1, the offender listed),
+    # through the daemon and straight from PostgreSQL.
+    env.pg.query("UPDATE accounts SET balance = balance + 5 WHERE id = 'acct-1' RETURNING id")
+    r = ctl(d, "audit")
+    assert r.returncode == 1 and "I1" in r.stdout and "acct-1" in r.stdout, r
+    r = subprocess.run([CTL, "--db", env.pg.conninfo, "--json", "audit", "--account", "acct-1"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 1 and json.loads(r.stdout)["offenders"][0]["check"] == "I1", r
+    env.pg.query("UPDATE accounts SET balance = balance - 5 WHERE id = 'acct-1' RETURNING id")
+    r = subprocess.run([CTL, "--db", env.pg.conninfo, "audit"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r
+    check_invariants(env.pg, env.psp)
