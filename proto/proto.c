@@ -497,6 +497,11 @@ static int op_settle_discrepancy(const view *v, proto_request *req, proto_error 
         return -1;
     if (n == 0 || n > PROTO_REASON_MAX)
         return fail(err, PROTO_ERR_INVALID_REQUEST, "reason " REASON_RULE);
+    if (lookup(v, "account") != NULL) {
+        req->has_account = true;
+        if (field_account(v, req, err) != 0)
+            return -1;
+    }
     req->reason = dup_string(s, n);
     return req->reason != NULL ? 0 : fail_oom(err);
 }

@@ -117,7 +117,7 @@ typedef struct proto_request {
     int64_t discrepancy_id;                     /* settle_discrepancy */
     char settle_action[8];                      /* settle_discrepancy: credit | debit | accept */
     bool all;                                   /* discrepancies: resolved ones too */
-    bool has_account;                           /* audit: one account (else all) */
+    bool has_account;                           /* audit: one account (else all); settle_discrepancy: the account */
 } proto_request;
 
 /* Parse and validate one request line (without its '\n'). Returns 0 and fills

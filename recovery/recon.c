@@ -725,8 +725,8 @@ void recon_handle_settle(pc_request *r)
     x->r = r;
     log_notice("recon discrepancy=%lld event=settle_requested action=%s uid=%u reason=\"%s\"",
                (long long)q->discrepancy_id, q->settle_action, (unsigned)r->uid, q->reason);
-    if (store_settle_begin(q->discrepancy_id, q->settle_action, q->reason, (unsigned)r->uid, D->cfg.node_id,
-                           begin_cb, x) != STORE_QUEUED) {
+    if (store_settle_begin(q->discrepancy_id, q->settle_action, q->has_account ? q->account : NULL, q->reason,
+                           (unsigned)r->uid, D->cfg.node_id, begin_cb, x) != STORE_QUEUED) {
         req_reply_err(r, PROTO_ERR_UNAVAILABLE, "database unavailable; nothing was changed");
         free(x);
     }

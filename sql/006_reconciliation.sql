@@ -81,6 +81,7 @@ CREATE TABLE discrepancy_settlements (
     reason          text NOT NULL CHECK (octet_length(reason) BETWEEN 1 AND 500),
     actor_uid       integer,
     node            text NOT NULL,
+    account_id      text,                -- the account the operator named (when neither side names one)
     entry_id        bigint,              -- the compensating ledger entry, if one was posted
     created_at      timestamptz NOT NULL DEFAULT now(),
     finished_at     timestamptz
@@ -320,6 +321,10 @@ BEGIN
     END IF;
 
     v_account := coalesce(d.ours->>'account', d.theirs->>'account', d.account_id);
+    IF s.account_id IS NOT NULL AND v_account IS NOT NULL AND s.account_id <> v_account THEN
+        v_msg := 'the discrepancy names account ' || v_account || ', not ' || s.account_id;
+    END IF;
+    v_account := coalesce(v_account, s.account_id);
     CASE d.kind
         WHEN 'charged_not_debited', 'unknown_gid' THEN
             v_need := 'debit'; v_amount := (d.theirs->>'amount')::bigint; v_currency := d.theirs->>'currency';
@@ -346,8 +351,11 @@ BEGIN
         ELSIF v_need <> 'either' AND v_need <> s.action THEN
             v_msg := 'this discrepancy calls for a ' || v_need || ' of ' || v_amount || ' ' || coalesce(v_currency, '')
                      || ', not a ' || s.action;
-        ELSIF v_account IS NULL OR v_amount IS NULL OR v_amount <= 0 THEN
-            v_msg := 'no account or amount is known for it: settle it at the processor, then accept';
+        ELSIF v_msg IS NULL AND v_account IS NULL THEN
+            v_msg := 'neither side names an account (a settlement report does not): name it (account), '
+                     || 'or settle it at the processor and accept';
+        ELSIF v_msg IS NULL AND (v_amount IS NULL OR v_amount <= 0) THEN
+            v_msg := 'no amount is known for it: settle it at the processor, then accept';
         END IF;
         IF v_msg IS NULL THEN
             SELECT * INTO v_acct FROM accounts WHERE id = v_account FOR NO KEY UPDATE;

@@ -240,6 +240,13 @@ int ctl_cmd_settle_discrepancy(ctl_ctx *x)
     ctl_req_int(req, "discrepancy_id", id);
     ctl_req_str(req, "action", action);
     ctl_req_str(req, "reason", reason);
+    if (x->optset[O_ACCOUNT]) {
+        if (!proto_valid_account(x->optval[O_ACCOUNT], strlen(x->optval[O_ACCOUNT]))) {
+            cJSON_Delete(req);
+            return ctl_usage_error(cmd, "--account must be 1-64 characters of A-Z a-z 0-9 . _ : -");
+        }
+        ctl_req_str(req, "account", x->optval[O_ACCOUNT]);
+    }
     return call_print(x, req, NULL);
 }
 

@@ -260,17 +260,19 @@ static const ctl_cmd COMMANDS[] = {
       "and what differs. --json gives both sides' evidence in full. What to do about\n"
       "each kind: docs/reconciliation.md.",
       "paycoordctl discrepancies", 0, 0, OB(O_ALL), ctl_cmd_discrepancies },
-    { "settle-discrepancy", "settle-discrepancy ID --action credit|debit|accept --reason TEXT [--yes]",
+    { "settle-discrepancy", "settle-discrepancy ID --action credit|debit|accept --reason TEXT [--account A] [--yes]",
       "settle a discrepancy by hand (admin)",
       "Settle discrepancy ID: debit or credit posts a compensating ledger entry (a\n"
       "new entry with its own reason, never an edit) of the amount the discrepancy\n"
       "calls for, on its account; accept records that it needs no entry (e.g. it was\n"
       "refunded at the processor). A debit the balance cannot cover is refused, as is\n"
-      "an action the wrong way round. The audit row (your uid, the reason) is written\n"
-      "before the action. Without a terminal it refuses unless --yes is given.",
+      "an action the wrong way round. --account names the account when neither side\n"
+      "does (an Adyen settlement report names none). The audit row (your uid, the\n"
+      "reason) is written before the action. Without a terminal it refuses unless\n"
+      "--yes is given.",
       "paycoordctl settle-discrepancy 12 --action debit \\\n"
       "      --reason 'charge psp_8c1 lost in the restore of 26 Nov (ticket OPS-12)' --yes",
-      1, 1, OB(O_ACTION) | OB(O_REASON) | OB(O_YES), ctl_cmd_settle_discrepancy },
+      1, 1, OB(O_ACTION) | OB(O_REASON) | OB(O_YES) | OB(O_ACCOUNT), ctl_cmd_settle_discrepancy },
     { "audit", "audit [--account ACCOUNT]", "check the ledger's invariants (admin)",
       "Check I1 (every balance is the sum of its ledger entries), I4 (no balance and\n"
       "no entry's balance_after is negative) and that every succeeded payment has\n"

@@ -434,9 +434,10 @@ int store_recon_runs(int limit, store_json_fn cb, void *arg) PC_MUSTCHECK;
 /* Discrepancies (open ones, or all): [row, ...], at most limit, oldest first. */
 int store_discrepancies(bool all, int limit, store_json_fn cb, void *arg) PC_MUSTCHECK;
 /* Durable: the audit row of a settlement, written before the action ('requested');
- * answers {"settlement_id": n} or null when the discrepancy does not exist. */
-int store_settle_begin(int64_t discrepancy_id, const char *action, const char *reason, unsigned uid,
-                       const char *node, store_json_fn cb, void *arg) PC_MUSTCHECK;
+ * answers {"settlement_id": n} or null when the discrepancy does not exist. account (NULL: none): the
+ * account the operator names, for a discrepancy whose sides name none. */
+int store_settle_begin(int64_t discrepancy_id, const char *action, const char *account, const char *reason,
+                       unsigned uid, const char *node, store_json_fn cb, void *arg) PC_MUSTCHECK;
 /* Durable: the action and the audit row's outcome in one transaction; answers
  * {"outcome": "settled"|"refused", "message", "amount", "account", "entry_id", "balance"}. */
 int store_settle_do(int64_t settlement_id, store_json_fn cb, void *arg) PC_MUSTCHECK;

@@ -150,18 +150,18 @@ int store_discrepancies(bool all, int limit, store_json_fn cb, void *arg)
         2, params, cb, arg);
 }
 
-int store_settle_begin(int64_t discrepancy_id, const char *action, const char *reason, unsigned uid,
-                       const char *node, store_json_fn cb, void *arg)
+int store_settle_begin(int64_t discrepancy_id, const char *action, const char *account, const char *reason,
+                       unsigned uid, const char *node, store_json_fn cb, void *arg)
 {
     char id[24], u[16];
     snprintf(id, sizeof(id), "%lld", (long long)discrepancy_id);
     snprintf(u, sizeof(u), "%u", uid);
-    const char *params[5] = { id, action, reason, u, node };
+    const char *params[6] = { id, action, reason, u, node, account };
     return json_call("WITH s AS (INSERT INTO discrepancy_settlements (discrepancy_id, action, outcome, reason, "
-                     "actor_uid, node) SELECT discrepancy_id, $2, 'requested', $3, $4::integer, $5 "
+                     "actor_uid, node, account_id) SELECT discrepancy_id, $2, 'requested', $3, $4::integer, $5, $6 "
                      "FROM discrepancies WHERE discrepancy_id = $1::bigint RETURNING settlement_id) "
                      "SELECT (SELECT json_build_object('settlement_id', settlement_id) FROM s)",
-                     5, params, cb, arg);
+                     6, params, cb, arg);
 }
 
 int store_settle_do(int64_t settlement_id, store_json_fn cb, void *arg)

@@ -405,3 +405,75 @@ def test_paycoordctl_reconcile_discrepancies_settle_and_audit(env):
     r = subprocess.run([CTL, "--db", env.pg.conninfo, "audit"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r
     check_invariants(env.pg, env.psp)
+
+
+def other_processor(env, mode):
+    """A processor of another API than the suite's, and a daemon speaking it."""
+    psp = Processor(env.workdir, mode=mode)
+    psp.start()
+    env.proxies.append(psp)           # stopped with the env (it has stop())
+    d = Daemon(env.workdir, env.pg, psp)
+    env.daemons.append(d)
+    d.start()
+    return psp, d
+
+
+def test_stripe_list_finds_a_lost_row_and_a_changed_amount(env):
+    psp, d = other_processor(env, "stripe")
+    c = d.client()
+    env.open_account(c, "acct-s", balance=10000)
+    for i in range(4):
+        pay(c, "acct-s", 500 + i, f"s{i}")
+    lost, changed = gid_of(env, "s1"), gid_of(env, "s2")
+    forget_payment(env, "s1")
+    st, _ = psp._req("POST", "/control/amend", {"key": changed, "amount": 900})
+    assert st == 200
+
+    run = run_reconcile(c, **window())
+    assert run["state"] == "done" and run["seen"] == 4 and run["matched"] == 2, run
+    assert run["source"] == "stripe"
+    ds = by_gid(open_discrepancies(c))
+    assert set(ds) == {lost, changed}, ds
+    assert ds[lost]["kind"] == "charged_not_debited" and ds[lost]["theirs"]["id"].startswith("pi_")
+    assert ds[lost]["theirs"]["account"] == "acct-s" and ds[lost]["theirs"]["currency"] == "EUR"
+    assert ds[changed]["kind"] == "amount_mismatch" and ds[changed]["theirs"]["amount"] == 900
+    assert settle(c, ds[lost], "debit")["result"]["amount"] == 501
+    assert settle(c, ds[changed], "debit")["result"]["amount"] == 900 - 502
+    audit_ok(c)
+    check_invariants(env.pg, psp)
+
+
+def test_adyen_settlement_report_finds_a_refund_and_a_lost_row(env):
+    import urllib.request
+    psp, d = other_processor(env, "adyen")
+    c = d.client()
+    env.open_account(c, "acct-a", balance=10000)
+    for i in range(3):
+        pay(c, "acct-a", 1000 + i, f"y{i}")
+    refunded, lost = gid_of(env, "y0"), gid_of(env, "y2")
+    st, _ = psp._req("POST", "/control/amend", {"key": refunded, "refunded": True})
+    assert st == 200
+    forget_payment(env, "y2")
+    report = os.path.join(env.workdir, "settlement_detail_report_batch_1.csv")
+    with urllib.request.urlopen(f"http://127.0.0.1:{psp.control_port}/control/settlement.csv", timeout=10) as r:
+        body = r.read()
+    with open(report, "wb") as f:
+        f.write(body)
+    assert body.count(b"\r\n") == 5            # header, 3 Settled, 1 Refunded
+
+    r = c.call("reconcile", **window())
+    assert r["error"]["code"] == "invalid_request" and "settlement details report" in r["error"]["message"], r
+    run = run_reconcile(c, report=report, **window())
+    assert run["state"] == "done" and run["source"] == "adyen_csv" and run["seen"] == 4, run
+    ds = by_gid(open_discrepancies(c))
+    assert set(ds) == {refunded, lost}, ds
+    assert ds[refunded]["kind"] == "debited_not_charged" and ds[refunded]["theirs"]["refunded"] is True
+    assert ds[lost]["kind"] == "charged_not_debited" and ds[lost]["theirs"]["amount"] == 1002
+    assert settle(c, ds[refunded], "credit")["result"]["amount"] == 1000
+    # A settlement report names no account: the operator names it.
+    r = settle(c, ds[lost], "debit")
+    assert r["error"]["code"] == "invalid_request" and "neither side names an account" in r["error"]["message"], r
+    r = c.call("settle_discrepancy", discrepancy_id=ds[lost]["id"], action="debit", reason=REASON, account="acct-a")
+    assert r["result"]["amount"] == 1002, r
+    audit_ok(c)
+    check_invariants(env.pg, psp)
