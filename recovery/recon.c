@@ -207,7 +207,9 @@ static void finish_cb(st_status st, const char *sqlstate, const char *errmsg, co
 
 static void finish(const char *error)
 {
-    if (store_recon_finish(R.run_id, error, finish_cb, error ? (void *)1 : NULL) != STORE_QUEUED) {
+    /* A payment's create is sent before its deadline: older ones are at the processor if anywhere. */
+    int64_t settle_ms = (int64_t)D->cfg.payment_deadline_ms + 1000;
+    if (store_recon_finish(R.run_id, error, settle_ms, finish_cb, error ? (void *)1 : NULL) != STORE_QUEUED) {
         R.failures++;
         step_later(1000);
     }

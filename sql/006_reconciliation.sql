@@ -237,8 +237,11 @@ END $$;
 -- The run's last step: our succeeded payments of the window that the
 -- processor never listed, and recovery's review flags that hold no prepared
 -- transaction (so that operators have one list). Marks the run done.
+-- Only payments created p_settle_ms (the payment deadline) before the run
+-- started count as missing: a later one's processor record may have been
+-- made after the listing passed its place (it is checked by the next run).
 -- Returns {missing_there, reviews, open discrepancies}.
-CREATE FUNCTION pc_recon_finish(p_run bigint, p_error text)
+CREATE FUNCTION pc_recon_finish(p_run bigint, p_error text, p_settle_ms bigint)
 RETURNS bigint[] LANGUAGE plpgsql AS $$
 DECLARE
     v recon_runs;
@@ -259,6 +262,7 @@ BEGIN
                    NULL, 'debited here; the processor has no record of it', p_run, p_run
               FROM payments_view p
              WHERE p.created_at >= v.window_from AND p.created_at < v.window_to
+               AND p.created_at < v.started_at - p_settle_ms * interval '1 millisecond'
                AND p.derived_status = 'succeeded'
                AND NOT EXISTS (SELECT 1 FROM recon_seen s WHERE s.run_id = p_run AND s.gid = p.gid)
             ON CONFLICT (gid, kind) DO UPDATE SET last_seen = now(), last_run = p_run

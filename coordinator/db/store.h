@@ -425,8 +425,10 @@ int store_recon_start(const store_recon_start_req *q, store_json_fn cb, void *ar
  * cursor moved prev -> next in one transaction; answers [seen, matched, in_progress, differences, not_ours]. */
 int store_recon_page(int64_t run_id, const char *prev, const char *next, const char *items_json, store_json_fn cb,
                      void *arg) PC_MUSTCHECK;
-/* Durable: the run's last step (error NULL) or its failure; answers [missing_there, reviews, open]. */
-int store_recon_finish(int64_t run_id, const char *error, store_json_fn cb, void *arg) PC_MUSTCHECK;
+/* Durable: the run's last step (error NULL) or its failure; answers [missing_there, reviews, open].
+ * settle_ms: our payments created less than this before the run started are not looked for. */
+int store_recon_finish(int64_t run_id, const char *error, int64_t settle_ms, store_json_fn cb, void *arg)
+    PC_MUSTCHECK;
 /* Open discrepancies by kind: {"kind": n, ...}. */
 int store_recon_open_counts(store_json_fn cb, void *arg) PC_MUSTCHECK;
 /* The latest runs (newest first, at most limit): [row, ...]. */

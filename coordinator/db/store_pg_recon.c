@@ -106,12 +106,13 @@ int store_recon_page(int64_t run_id, const char *prev, const char *next, const c
     return json_call("SELECT array_to_json(pc_recon_page($1::bigint, $2, $3, $4::jsonb))", 4, params, cb, arg);
 }
 
-int store_recon_finish(int64_t run_id, const char *error, store_json_fn cb, void *arg)
+int store_recon_finish(int64_t run_id, const char *error, int64_t settle_ms, store_json_fn cb, void *arg)
 {
-    char id[24];
+    char id[24], ms[24];
     snprintf(id, sizeof(id), "%lld", (long long)run_id);
-    const char *params[2] = { id, error };
-    return json_call("SELECT array_to_json(pc_recon_finish($1::bigint, $2))", 2, params, cb, arg);
+    snprintf(ms, sizeof(ms), "%lld", (long long)settle_ms);
+    const char *params[3] = { id, error, ms };
+    return json_call("SELECT array_to_json(pc_recon_finish($1::bigint, $2, $3::bigint))", 3, params, cb, arg);
 }
 
 int store_recon_open_counts(store_json_fn cb, void *arg)
