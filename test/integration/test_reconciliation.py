@@ -477,3 +477,54 @@ def test_adyen_settlement_report_finds_a_refund_and_a_lost_row(env):
     assert r["result"]["amount"] == 1002, r
     audit_ok(c)
     check_invariants(env.pg, psp)
+
+
+@pytest.mark.skipif(PROCESSOR != "generic", reason="generic list endpoint")
+def test_scheduled_run_metrics_alert_and_missing_at_the_processor(env):
+    """The daily run starts by itself once its time has passed, once per
+    window; the open discrepancies are counted by kind in stats and
+    /metrics, and the run logs an alert line. A payment debited here that the
+    processor has no record of is found (debited_not_charged)."""
+    now = time.gmtime()
+    d = env.daemon(start=False)
+    c = None
+    d.start()
+    c = d.client()
+    env.open_account(c, "acct-1", balance=5000)
+    pay(c, "acct-1", 300, "sch-1")
+    gid = gid_of(env, "sch-1")
+    # The processor forgets it (as if the charge had been made against another account of ours),
+    # and it was made 10 minutes ago (inside the scheduled window, which ends at this minute).
+    env.psp.reset(payments=True)
+    env.pg.query("UPDATE payments SET created_at = created_at - interval '10 minutes' WHERE gid = %s "
+                 "RETURNING gid", (gid,))
+    d.stop()
+    d.settings.update(recon_schedule=time.strftime("%H:%M", now), recon_window_s=7200, recon_lag_s=0,
+                      recon_slack_s=600, metrics_listen=f"127.0.0.1:{__import__('harness').free_port()}")
+    d.start()
+    c = d.client()
+    wait_for(lambda: env.pg.query("SELECT count(*) FROM recon_runs WHERE state = 'done'")[0][0] == 1, timeout=30,
+             what="the scheduled run")
+    trig, = env.pg.query("SELECT trigger FROM recon_runs")[0]
+    assert trig == "schedule"
+    ds = open_discrepancies(c)
+    assert [(x["kind"], x["gid"]) for x in ds] == [("debited_not_charged", gid)], ds
+    assert "no record" in ds[0]["detail"]
+    assert "event=discrepancies open=1 alert=reconciliation" in d.log_text()
+    wait_for(lambda: c.ok("stats")["reconciliation"]["open"]["debited_not_charged"] == 1, timeout=10,
+             what="the open count")
+    import urllib.request
+    with urllib.request.urlopen(f"http://{d.settings['metrics_listen']}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    assert 'paycoord_discrepancies_open{kind="debited_not_charged"} 1' in text, text
+    # A restart does not run the same window again.
+    d.stop()
+    d.start()
+    time.sleep(3)
+    assert env.pg.query("SELECT count(*) FROM recon_runs")[0][0] == 1
+    c = d.client()
+    r = settle(c, ds[0], "credit", reason="never charged: the customer's money goes back")
+    assert r["result"]["outcome"] == "settled" and r["result"]["amount"] == 300, r
+    assert c.ok("balance", account="acct-1")["balance"] == 5000
+    audit_ok(c)
+    check_invariants(env.pg, env.psp)
