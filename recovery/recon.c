@@ -196,7 +196,7 @@ static void finish_cb(st_status st, const char *sqlstate, const char *errmsg, co
                    "open=%lld", (long long)R.run_id, (long long)R.pages, (long long)R.seen,
                    (long long)R.differences, (long long)missing, (long long)reviews, (long long)open);
         if (open > 0) {
-            log_warn("recon run=%lld event=discrepancies open=%lld alert=reconciliation note=\"our books and the "
+            log_error("recon run=%lld event=discrepancies open=%lld alert=reconciliation note=\"our books and the "
                      "processor's differ: paycoordctl discrepancies\"", (long long)R.run_id, (long long)open);
             D->stats.alerts++;
         }

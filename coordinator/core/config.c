@@ -40,7 +40,7 @@ static const setting settings[] = {
     { "client_partial_timeout_ms", T_INT, OFF(client_partial_timeout_ms), "10000", 100, 3600000, true,
       "A client that sends part of a line and then nothing for this long is disconnected." },
     { "admin_uids", T_STR, OFF(admin_uids), "", 0, 0, true,
-      "Comma-separated uids granted the admin class (`account_open`, `prepared`, `resolve`, `recover`, `stats`, `health`) and with it every other class. Root and the daemon's own uid always hold every class." },
+      "Comma-separated uids granted the admin class (`account_open`, `prepared`, `resolve`, `recover`, `stats`, `health`, and the reconciliation ops `reconcile`, `reconcile_status`, `discrepancies`, `settle_discrepancy`, `audit`) and with it every other class. Root and the daemon's own uid always hold every class." },
     { "admin_gids", T_STR, OFF(admin_gids), "", 0, 0, true,
       "Comma-separated gids granted the admin class (and every other); matched against the peer's effective gid only." },
     { "credit_uids", T_STR, OFF(credit_uids), "", 0, 0, true,
