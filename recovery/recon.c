@@ -530,9 +530,13 @@ static void tick(void *arg)
 void recon_handle_reconcile(pc_request *r)
 {
     const proto_request *q = &r->req;
-    if (R.active || R.starting || R.waiter) {
+    if (R.active) {
         req_reply_err(r, PROTO_ERR_OVERLOADED, "run %lld is in progress (%lld records read); see reconcile_status",
                       (long long)R.run_id, (long long)R.seen);
+        return;
+    }
+    if (R.starting || R.waiter) {
+        req_reply_err(r, PROTO_ERR_OVERLOADED, "a reconciliation run is being started or resumed; retry shortly");
         return;
     }
     if (!rec_node_locked()) {
