@@ -456,7 +456,8 @@ static void lock_cb(st_status st, bool got, void *arg)
         log_debug("recon event=lock_%s", st == ST_OK ? "busy" : "failed");
         answer_waiter(NULL, false, st != ST_OK ? PROTO_ERR_UNAVAILABLE : PROTO_ERR_OVERLOADED,
                       st != ST_OK ? "database unavailable; no run started"
-                                  : "a reconciliation run is in progress on another node; see reconcile_status");
+                                  : "another node holds the reconciliation lock (it runs, or checks for, a run); "
+                                    "see reconcile_status and retry");
         free(x);
         return;
     }

@@ -528,3 +528,26 @@ def test_scheduled_run_metrics_alert_and_missing_at_the_processor(env):
     assert c.ok("balance", account="acct-1")["balance"] == 5000
     audit_ok(c)
     check_invariants(env.pg, env.psp)
+
+
+@pytest.mark.skipif(PROCESSOR != "generic", reason="generic list endpoint")
+def test_one_run_at_a_time_across_nodes(env):
+    bulk_create(env.psp, 300, "elsewhere-")
+    d1 = env.daemon(recon_page_size=10, recon_page_pause_ms=100)
+    w2 = os.path.join(env.workdir, "n2")
+    os.makedirs(w2)
+    d2 = Daemon(w2, env.pg, env.psp, node_id="t2")
+    env.daemons.append(d2)
+    d2.start()
+    c1, c2 = d1.client(), d2.client()
+    env.open_account(c1, "acct-1", balance=1000)
+    pay(c1, "acct-1", 100, "n1")
+    run = c1.ok("reconcile", **window())
+    r = c2.call("reconcile", **window())
+    assert r["error"]["code"] == "overloaded" and "another node" in r["error"]["message"], r
+    wait_for(lambda: env.pg.query("SELECT state FROM recon_runs WHERE run_id = %s", (run["run_id"],))[0][0] == "done",
+             timeout=60, what="node 1's run")
+    assert env.pg.query("SELECT count(*), max(seen) FROM recon_runs")[0] == (1, 301)
+    done = run_reconcile(c2, **window())     # now node 2 may
+    assert done["node"] == "t2" and done["seen"] == 301 and done["matched"] == 1, done
+    check_invariants(env.pg, env.psp)
