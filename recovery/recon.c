@@ -166,8 +166,14 @@ static void answer_waiter(const cJSON *run, bool resumed, proto_err code, const 
 
 static void finish_cb(st_status st, const char *sqlstate, const char *errmsg, const char *json, void *arg)
 {
-    (void)sqlstate;
     bool failed = arg != NULL;
+    if (st == ST_ERROR && sqlstate && !strcmp(sqlstate, "PCRCS")) {
+        /* Finished already (an earlier attempt whose answer was lost, or another driver). */
+        log_notice("recon run=%lld event=finished_already", (long long)R.run_id);
+        release();
+        refresh_counts();
+        return;
+    }
     if (st != ST_OK) {
         if (!R.stopping) {
             log_warn("recon run=%lld event=finish_failed error=\"%s\" note=\"retried\"", (long long)R.run_id,
@@ -222,6 +228,38 @@ typedef struct page_ctx {
     char next[200];
 } page_ctx;
 
+/* After PCRCS (the page was applied already: our own earlier attempt whose
+ * answer was lost, or another driver): carry on from the run's stored cursor
+ * and counts, unless it is no longer running. */
+static void reread_cb(st_status st, const char *sqlstate, const char *errmsg, const char *json, void *arg)
+{
+    (void)sqlstate;
+    (void)arg;
+    R.in_call = false;
+    if (R.stopping)
+        return;
+    cJSON *run = st == ST_OK ? cJSON_Parse(json) : NULL;
+    const char *state = json_s(run, "state");
+    if (st != ST_OK) {
+        log_warn("recon run=%lld event=reread_failed error=\"%s\"", (long long)R.run_id, errmsg ? errmsg : "");
+        R.failures++;
+        step_later(1000);
+    } else if (!state || strcmp(state, "running") != 0) {
+        log_notice("recon run=%lld event=ended_elsewhere state=%s", (long long)R.run_id, state ? state : "gone");
+        release();
+        refresh_counts();
+    } else {
+        snprintf(R.cursor, sizeof(R.cursor), "%s", json_s(run, "cursor") ? json_s(run, "cursor") : "");
+        R.pages = json_i64(run, "pages");
+        R.seen = json_i64(run, "seen");
+        R.differences = json_i64(run, "differences");
+        log_info("recon run=%lld event=cursor_reread cursor=\"%s\" pages=%lld", (long long)R.run_id, R.cursor,
+                 (long long)R.pages);
+        step_later(0);
+    }
+    cJSON_Delete(run);
+}
+
 static void page_cb(st_status st, const char *sqlstate, const char *errmsg, const char *json, void *arg)
 {
     page_ctx *pc = arg;
@@ -232,10 +270,11 @@ static void page_cb(st_status st, const char *sqlstate, const char *errmsg, cons
     }
     if (st != ST_OK) {
         if (st == ST_ERROR && sqlstate && !strcmp(sqlstate, "PCRCS")) {
-            /* Someone else moved the run on (another node took it over): stop. */
-            log_warn("recon run=%lld event=taken_over note=\"the run's cursor moved elsewhere\"", (long long)R.run_id);
             free(pc);
-            release();
+            if (store_recon_run(R.run_id, reread_cb, NULL) == STORE_QUEUED)
+                R.in_call = true;
+            else
+                step_later(1000);
             return;
         }
         R.failures++;

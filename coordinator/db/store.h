@@ -429,6 +429,8 @@ int store_recon_page(int64_t run_id, const char *prev, const char *next, const c
  * settle_ms: our payments created less than this before the run started are not looked for. */
 int store_recon_finish(int64_t run_id, const char *error, int64_t settle_ms, store_json_fn cb, void *arg)
     PC_MUSTCHECK;
+/* One run's row (JSON as above), or "null". */
+int store_recon_run(int64_t run_id, store_json_fn cb, void *arg) PC_MUSTCHECK;
 /* Open discrepancies by kind: {"kind": n, ...}. */
 int store_recon_open_counts(store_json_fn cb, void *arg) PC_MUSTCHECK;
 /* The latest runs (newest first, at most limit): [row, ...]. */

@@ -97,6 +97,14 @@ int store_recon_start(const store_recon_start_req *q, store_json_fn cb, void *ar
                      9, params, cb, arg);
 }
 
+int store_recon_run(int64_t run_id, store_json_fn cb, void *arg)
+{
+    char id[24];
+    snprintf(id, sizeof(id), "%lld", (long long)run_id);
+    const char *params[1] = { id };
+    return json_call("SELECT " RUN_JSON " FROM recon_runs r WHERE r.run_id = $1::bigint", 1, params, cb, arg);
+}
+
 int store_recon_page(int64_t run_id, const char *prev, const char *next, const char *items_json, store_json_fn cb,
                      void *arg)
 {

@@ -551,3 +551,31 @@ def test_one_run_at_a_time_across_nodes(env):
     done = run_reconcile(c2, **window())     # now node 2 may
     assert done["node"] == "t2" and done["seen"] == 301 and done["matched"] == 1, done
     check_invariants(env.pg, env.psp)
+
+
+@pytest.mark.skipif(PROCESSOR != "generic", reason="generic list endpoint")
+def test_a_page_applied_already_is_not_applied_twice(env):
+    """When the cursor moved on under the daemon (its own write whose answer
+    was lost, or another driver), the page is refused (PCRCS), the daemon
+    re-reads the run's cursor and carries on from there."""
+    bulk_create(env.psp, 400, "elsewhere-")
+    d = env.daemon(recon_page_size=20, recon_page_pause_ms=150)
+    c = d.client()
+    run_id = c.ok("reconcile", **window())["run_id"]
+    wait_for(lambda: env.pg.query("SELECT pages FROM recon_runs WHERE run_id = %s", (run_id,))[0][0] >= 3,
+             timeout=30, what="three pages")
+    # "Another driver" applies the next page (20 records) behind the daemon's back.
+    with env.pg.connect() as conn:
+        while True:                       # as pc_recon_page does: only from the cursor it read
+            cur, = conn.execute("SELECT cursor FROM recon_runs WHERE run_id = %s", (run_id,)).fetchone()
+            nxt = f"psp_{int(cur[4:]) + 20:012d}"
+            if conn.execute("UPDATE recon_runs SET cursor = %s, pages = pages + 1, seen = seen + 20, "
+                            "not_ours = not_ours + 20 WHERE run_id = %s AND cursor = %s",
+                            (nxt, run_id, cur)).rowcount == 1:
+                break
+    wait_for(lambda: env.pg.query("SELECT state FROM recon_runs WHERE run_id = %s", (run_id,))[0][0] == "done",
+             timeout=60, what="the run")
+    seen, pages = env.pg.query("SELECT seen, pages FROM recon_runs WHERE run_id = %s", (run_id,))[0]
+    assert (seen, pages) == (400, 20), (seen, pages)
+    assert "event=cursor_reread" in d.log_text()
+    check_invariants(env.pg, env.psp)
