@@ -418,22 +418,26 @@ def other_processor(env, mode):
     return psp, d
 
 
-def test_stripe_list_finds_a_lost_row_and_a_changed_amount(env):
+def test_stripe_list_finds_a_lost_row_a_changed_amount_and_a_refund(env):
     psp, d = other_processor(env, "stripe")
     c = d.client()
     env.open_account(c, "acct-s", balance=10000)
     for i in range(4):
         pay(c, "acct-s", 500 + i, f"s{i}")
-    lost, changed = gid_of(env, "s1"), gid_of(env, "s2")
+    lost, changed, refunded = gid_of(env, "s1"), gid_of(env, "s2"), gid_of(env, "s3")
     forget_payment(env, "s1")
     st, _ = psp._req("POST", "/control/amend", {"key": changed, "amount": 900})
     assert st == 200
+    st, _ = psp._req("POST", "/control/amend", {"key": refunded, "refunded": True})
+    assert st == 200
 
     run = run_reconcile(c, **window())
-    assert run["state"] == "done" and run["seen"] == 4 and run["matched"] == 2, run
+    assert run["state"] == "done" and run["seen"] == 4 and run["matched"] == 1, run
     assert run["source"] == "stripe"
     ds = by_gid(open_discrepancies(c))
-    assert set(ds) == {lost, changed}, ds
+    assert set(ds) == {lost, changed, refunded}, ds
+    assert ds[refunded]["kind"] == "debited_not_charged" and ds[refunded]["theirs"]["refunded"] is True
+    assert settle(c, ds[refunded], "credit")["result"]["amount"] == 503
     assert ds[lost]["kind"] == "charged_not_debited" and ds[lost]["theirs"]["id"].startswith("pi_")
     assert ds[lost]["theirs"]["account"] == "acct-s" and ds[lost]["theirs"]["currency"] == "EUR"
     assert ds[changed]["kind"] == "amount_mismatch" and ds[changed]["theirs"]["amount"] == 900
