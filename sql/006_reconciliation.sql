@@ -12,8 +12,13 @@
 -- * recon_seen: the gids a run saw at the processor, so that its last step
 --   can find our succeeded payments the processor never listed. Emptied when
 --   the run ends.
--- * discrepancies: one row per (gid, kind), first and last seen, open until
---   settled (or until both sides agree again).
+-- * discrepancies: one row per difference (gid, kind and the two sides'
+--   nets), first and last seen, open until settled (or until both sides
+--   agree again). A gid's net here is its committed debit plus the
+--   compensating entries already posted for it; the processor's net is what
+--   it charged and did not refund. So a settled difference matches on the
+--   next run, and a later change (a refund after a compensating debit, say)
+--   is a new difference.
 -- * discrepancy_settlements: every settlement by hand, written 'requested'
 --   before the action, its outcome after (like resolutions).
 -- * ledger.discrepancy_id: a compensating entry is a new ledger row that
@@ -61,6 +66,8 @@ CREATE TABLE discrepancies (
     account_id      text,
     ours            jsonb,               -- our side: {payment_id, account, amount, currency, status} or null (no row)
     theirs          jsonb,               -- the processor's: {id, status, amount, currency, refunded, account} or null
+    our_net         bigint NOT NULL,     -- debited here for the gid: its committed debit + compensating entries
+    their_net       bigint NOT NULL,     -- charged there and not refunded (0 for a review flag)
     detail          text NOT NULL,
     state           text NOT NULL DEFAULT 'open' CHECK (state IN ('open', 'resolved')),
     resolution      text,
@@ -69,7 +76,7 @@ CREATE TABLE discrepancies (
     first_run       bigint REFERENCES recon_runs (run_id),
     last_run        bigint REFERENCES recon_runs (run_id),
     resolved_at     timestamptz,
-    UNIQUE (gid, kind)
+    UNIQUE (gid, kind, our_net, their_net)
 );
 CREATE INDEX discrepancies_open ON discrepancies (kind) WHERE state = 'open';
 
@@ -153,32 +160,33 @@ BEGIN
 
     IF to_regclass('pg_temp.recon_page') IS NULL THEN
         CREATE TEMP TABLE recon_page (
-        gid text, id text, status text, refunded boolean, amount bigint, currency text, account text,
-        payment_id uuid, our_account text, our_amount bigint, our_currency text, our_status text,
-        prepared boolean, kind text) ON COMMIT DELETE ROWS;
+            gid text, id text, status text, refunded boolean, amount bigint, currency text, account text,
+            payment_id uuid, our_account text, our_amount bigint, our_currency text, our_status text,
+            prepared boolean, comp bigint, our_net bigint, their_net bigint, kind text) ON COMMIT DELETE ROWS;
     END IF;
 
     INSERT INTO recon_page
     SELECT i.gid, i.id, i.status, coalesce(i.refunded, false), i.amount, upper(i.currency), i.account,
            p.payment_id, p.account_id, p.amount, p.currency, p.derived_status,
            EXISTS (SELECT 1 FROM pg_prepared_xacts x WHERE x.gid = i.gid AND x.database = current_database()),
-           NULL
+           (SELECT coalesce(-sum(l.amount), 0) FROM discrepancies d JOIN ledger l USING (discrepancy_id)
+             WHERE d.gid = i.gid),
+           NULL, NULL, NULL
       FROM jsonb_to_recordset(p_items) AS i(gid text, id text, status text, refunded boolean, amount bigint,
                                             currency text, account text)
       LEFT JOIN payments_view p ON p.gid = i.gid;
 
+    UPDATE recon_page SET
+        our_net = CASE WHEN our_status = 'succeeded' THEN our_amount ELSE 0 END + comp,
+        their_net = CASE WHEN status = 'succeeded' AND NOT refunded THEN coalesce(amount, 0) ELSE 0 END;
     UPDATE recon_page SET kind = CASE
         WHEN gid IS NULL OR left(gid, 3) <> 'pc:' THEN 'not_ours'
         WHEN prepared OR status = 'pending' OR our_status = 'pending' THEN 'in_progress'
-        WHEN payment_id IS NULL AND status = 'succeeded' AND NOT refunded AND NOT pc_gid_wellformed(gid)
-            THEN 'unknown_gid'
-        WHEN payment_id IS NULL AND status = 'succeeded' AND NOT refunded THEN 'charged_not_debited'
-        WHEN payment_id IS NULL THEN 'matched'                  -- nothing charged, and no row
-        WHEN our_status = 'succeeded' AND (status <> 'succeeded' OR refunded) THEN 'debited_not_charged'
-        WHEN our_status = 'succeeded' AND (amount IS DISTINCT FROM our_amount OR currency IS DISTINCT FROM our_currency)
-            THEN 'amount_mismatch'
-        WHEN our_status <> 'succeeded' AND status = 'succeeded' AND NOT refunded THEN 'charged_not_debited'
-        ELSE 'matched' END;
+        WHEN our_net = their_net AND (their_net = 0 OR our_currency IS NULL OR currency = our_currency) THEN 'matched'
+        WHEN payment_id IS NULL AND comp = 0 AND their_net > 0 AND NOT pc_gid_wellformed(gid) THEN 'unknown_gid'
+        WHEN our_net = 0 AND their_net > 0 THEN 'charged_not_debited'
+        WHEN our_net > 0 AND their_net = 0 THEN 'debited_not_charged'
+        ELSE 'amount_mismatch' END;
 
     INSERT INTO recon_seen (run_id, gid)
     SELECT DISTINCT p_run, gid FROM recon_page WHERE gid IS NOT NULL AND kind <> 'not_ours'
@@ -186,13 +194,29 @@ BEGIN
 
     -- A gid may come twice in one page (a settlement report lists a refund
     -- as its own row): its last record decides.
-    INSERT INTO discrepancies AS d (kind, gid, payment_id, account_id, ours, theirs, detail, first_run, last_run)
-    SELECT DISTINCT ON (gid, kind) kind, gid, payment_id, coalesce(our_account, account),
-           CASE WHEN payment_id IS NULL THEN NULL ELSE
+    IF to_regclass('pg_temp.recon_last') IS NULL THEN
+        CREATE TEMP TABLE recon_last (LIKE recon_page) ON COMMIT DELETE ROWS;
+    END IF;
+    INSERT INTO recon_last
+    SELECT DISTINCT ON (gid) * FROM recon_page WHERE kind <> 'not_ours' ORDER BY gid, refunded DESC;
+
+    -- An open difference of a gid that now differs otherwise is out of date.
+    UPDATE discrepancies d SET state = 'resolved', resolved_at = now(), last_run = p_run,
+           resolution = 'superseded: the sides changed since (run ' || p_run || ')'
+      FROM recon_last r
+     WHERE d.gid = r.gid AND d.state = 'open' AND d.kind <> 'review'
+       AND r.kind NOT IN ('matched', 'in_progress')
+       AND (d.kind, d.our_net, d.their_net) IS DISTINCT FROM (r.kind, r.our_net, r.their_net);
+
+    INSERT INTO discrepancies AS d (kind, gid, payment_id, account_id, ours, theirs, our_net, their_net, detail,
+                                    first_run, last_run)
+    SELECT kind, gid, payment_id, coalesce(our_account, account),
+           CASE WHEN payment_id IS NULL AND comp = 0 THEN NULL ELSE
                jsonb_build_object('payment_id', payment_id, 'account', our_account, 'amount', our_amount,
-                                  'currency', our_currency, 'status', our_status) END,
+                                  'currency', our_currency, 'status', our_status, 'compensated', comp) END,
            jsonb_build_object('id', id, 'status', status, 'amount', amount, 'currency', currency,
                               'refunded', refunded, 'account', account),
+           our_net, their_net,
            CASE kind
                WHEN 'unknown_gid' THEN 'the processor charged a gid under our prefix that paycoord never makes'
                WHEN 'charged_not_debited' THEN
@@ -200,24 +224,19 @@ BEGIN
                         ELSE 'the processor charged it; here it is ' || our_status || ', with no debit' END
                WHEN 'debited_not_charged' THEN
                    'debited here; the processor says ' || CASE WHEN refunded THEN 'refunded' ELSE status END
-               ELSE 'debited ' || our_amount || ' ' || our_currency || ' here; the processor charged '
-                    || amount || ' ' || currency END,
+               ELSE 'debited ' || our_net || ' ' || coalesce(our_currency, currency) || ' here; the processor charged '
+                    || their_net || ' ' || currency END,
            p_run, p_run
-      FROM recon_page
+      FROM recon_last
      WHERE kind IN ('unknown_gid', 'charged_not_debited', 'debited_not_charged', 'amount_mismatch')
-     ORDER BY gid, kind
-    ON CONFLICT (gid, kind) DO UPDATE
-        SET last_seen = now(), last_run = p_run, theirs = EXCLUDED.theirs,
-            ours = CASE WHEN d.state = 'open' THEN EXCLUDED.ours ELSE d.ours END,
-            detail = CASE WHEN d.state = 'open' THEN EXCLUDED.detail ELSE d.detail END;
+    ON CONFLICT (gid, kind, our_net, their_net) DO UPDATE
+        SET last_seen = now(), last_run = p_run, theirs = EXCLUDED.theirs;
 
-    -- Both sides agree now (e.g. it was in progress): nothing to settle.
+    -- Both sides agree now (it was in progress, or was settled elsewhere): nothing left to settle.
     UPDATE discrepancies d SET state = 'resolved', resolved_at = now(), last_run = p_run,
            resolution = 'both sides agree (run ' || p_run || ')'
-      FROM recon_page r
-     WHERE r.kind = 'matched' AND d.gid = r.gid AND d.state = 'open' AND d.kind <> 'review'
-       AND NOT EXISTS (SELECT 1 FROM recon_page r2 WHERE r2.gid = r.gid AND r2.kind <> 'matched')
-       AND NOT EXISTS (SELECT 1 FROM discrepancy_settlements s WHERE s.discrepancy_id = d.discrepancy_id);
+      FROM recon_last r
+     WHERE r.kind = 'matched' AND d.gid = r.gid AND d.state = 'open' AND d.kind <> 'review';
 
     SELECT ARRAY[count(*),
                  count(*) FILTER (WHERE kind = 'matched'),
@@ -230,7 +249,7 @@ BEGIN
            in_progress = in_progress + v_counts[3], differences = differences + v_counts[4],
            not_ours = not_ours + v_counts[5]
      WHERE run_id = p_run;
-    TRUNCATE recon_page;
+    TRUNCATE recon_page, recon_last;
     RETURN v_counts;
 END $$;
 
@@ -255,32 +274,37 @@ BEGIN
     END IF;
     IF p_error IS NULL THEN
         WITH missing AS (
-            INSERT INTO discrepancies AS d (kind, gid, payment_id, account_id, ours, theirs, detail, first_run, last_run)
-            SELECT 'debited_not_charged', p.gid, p.payment_id, p.account_id,
-                   jsonb_build_object('payment_id', p.payment_id, 'account', p.account_id, 'amount', p.amount,
-                                      'currency', p.currency, 'status', p.derived_status),
-                   NULL, 'debited here; the processor has no record of it', p_run, p_run
-              FROM payments_view p
-             WHERE p.created_at >= v.window_from AND p.created_at < v.window_to
-               AND p.created_at < v.started_at - p_settle_ms * interval '1 millisecond'
-               AND p.derived_status = 'succeeded'
-               AND NOT EXISTS (SELECT 1 FROM recon_seen s WHERE s.run_id = p_run AND s.gid = p.gid)
-            ON CONFLICT (gid, kind) DO UPDATE SET last_seen = now(), last_run = p_run
+            INSERT INTO discrepancies AS d (kind, gid, payment_id, account_id, ours, theirs, our_net, their_net, detail,
+                                            first_run, last_run)
+            SELECT 'debited_not_charged', m.gid, m.payment_id, m.account_id,
+                   jsonb_build_object('payment_id', m.payment_id, 'account', m.account_id, 'amount', m.amount,
+                                      'currency', m.currency, 'status', m.derived_status, 'compensated', m.comp),
+                   NULL, m.amount + m.comp, 0, 'debited here; the processor has no record of it', p_run, p_run
+              FROM (SELECT p.*, (SELECT coalesce(-sum(l.amount), 0) FROM discrepancies d2 JOIN ledger l
+                                 USING (discrepancy_id) WHERE d2.gid = p.gid) AS comp
+                      FROM payments_view p
+                     WHERE p.created_at >= v.window_from AND p.created_at < v.window_to
+                       AND p.created_at < v.started_at - p_settle_ms * interval '1 millisecond'
+                       AND p.derived_status = 'succeeded'
+                       AND NOT EXISTS (SELECT 1 FROM recon_seen s WHERE s.run_id = p_run AND s.gid = p.gid)) m
+             WHERE m.amount + m.comp <> 0
+            ON CONFLICT (gid, kind, our_net, their_net) DO UPDATE SET last_seen = now(), last_run = p_run
             RETURNING 1)
         SELECT count(*) INTO v_missing FROM missing;
 
         WITH reviews AS (
-            INSERT INTO discrepancies AS d (kind, gid, payment_id, account_id, ours, theirs, detail, first_run, last_run)
+            INSERT INTO discrepancies AS d (kind, gid, payment_id, account_id, ours, theirs, our_net, their_net, detail,
+                                            first_run, last_run)
             SELECT 'review', s.gid, p.payment_id, p.account_id,
                    CASE WHEN p.payment_id IS NULL THEN NULL ELSE
                        jsonb_build_object('payment_id', p.payment_id, 'account', p.account_id, 'amount', p.amount,
                                           'currency', p.currency, 'status', p.derived_status) END,
-                   NULL, 'recovery flagged it for review: ' || coalesce(s.last_error, 'no reason recorded'),
+                   NULL, 0, 0, 'recovery flagged it for review: ' || coalesce(s.last_error, 'no reason recorded'),
                    p_run, p_run
               FROM recovery_state s LEFT JOIN payments_view p ON p.gid = s.gid
              WHERE s.review
                AND NOT EXISTS (SELECT 1 FROM pg_prepared_xacts x WHERE x.gid = s.gid)
-            ON CONFLICT (gid, kind) DO UPDATE SET last_seen = now(), last_run = p_run
+            ON CONFLICT (gid, kind, our_net, their_net) DO UPDATE SET last_seen = now(), last_run = p_run
             RETURNING 1)
         SELECT count(*) INTO v_reviews FROM reviews;
     END IF;
@@ -329,24 +353,20 @@ BEGIN
         v_msg := 'the discrepancy names account ' || v_account || ', not ' || s.account_id;
     END IF;
     v_account := coalesce(v_account, s.account_id);
-    CASE d.kind
-        WHEN 'charged_not_debited', 'unknown_gid' THEN
-            v_need := 'debit'; v_amount := (d.theirs->>'amount')::bigint; v_currency := d.theirs->>'currency';
-        WHEN 'debited_not_charged' THEN
-            v_need := 'credit'; v_amount := (d.ours->>'amount')::bigint; v_currency := d.ours->>'currency';
-        WHEN 'amount_mismatch' THEN
-            v_amount := (d.theirs->>'amount')::bigint - (d.ours->>'amount')::bigint;
-            v_currency := d.ours->>'currency';
-            IF d.theirs->>'currency' IS DISTINCT FROM d.ours->>'currency' THEN
-                v_need := 'none';
-            ELSIF v_amount > 0 THEN
-                v_need := 'debit';
-            ELSE
-                v_need := 'credit'; v_amount := -v_amount;
-            END IF;
-        ELSE  -- review: the operator knows which way
-            v_need := 'either'; v_amount := (d.ours->>'amount')::bigint; v_currency := d.ours->>'currency';
-    END CASE;
+    -- What makes the two nets equal: a debit of the gap when the processor
+    -- holds more, a credit when we do.
+    v_amount := d.their_net - d.our_net;
+    v_currency := coalesce(d.ours->>'currency', d.theirs->>'currency');
+    IF d.kind = 'review' THEN              -- the operator knows which way
+        v_need := 'either'; v_amount := (d.ours->>'amount')::bigint;
+    ELSIF d.ours->>'currency' IS NOT NULL AND d.theirs->>'currency' IS NOT NULL
+          AND d.ours->>'currency' <> d.theirs->>'currency' THEN
+        v_need := 'none';
+    ELSIF v_amount > 0 THEN
+        v_need := 'debit';
+    ELSE
+        v_need := 'credit'; v_amount := -v_amount;
+    END IF;
 
     IF s.action <> 'accept' THEN
         IF v_need = 'none' THEN

@@ -107,9 +107,20 @@ def test_payment_row_deleted_is_found_and_settled_by_a_debit(env):
     r = settle(c, disc, "debit")
     assert r["error"]["code"] == "invalid_request" and "resolved already" in r["error"]["message"], r
 
-    # The next run finds it again but it stays settled: nothing new, nothing reopened.
+    # The next run counts the compensating debit: both sides agree, nothing new.
     run = run_reconcile(c, **window())
-    assert run["state"] == "done" and open_discrepancies(c) == []
+    assert run["state"] == "done" and run["matched"] == 3 and open_discrepancies(c) == [], run
+    # The processor refunds it later: a new difference (we hold a compensating debit of it).
+    env.psp.refund(gid)
+    run_reconcile(c, **window())
+    ds = open_discrepancies(c)
+    assert [(x["kind"], x["gid"]) for x in ds] == [("debited_not_charged", gid)], ds
+    assert ds[0]["ours"]["compensated"] == 1001 and ds[0]["detail"] == "debited here; the processor says refunded"
+    r = settle(c, ds[0], "credit", reason="refunded at the processor after the compensating debit")
+    assert r["result"]["outcome"] == "settled" and r["result"]["amount"] == 1001, r
+    assert c.ok("balance", account="acct-1")["balance"] == 10000 - 1000 - 1002
+    run = run_reconcile(c, **window())
+    assert run["matched"] == 3 and open_discrepancies(c) == [], run
     audit_ok(c)
     check_invariants(env.pg, env.psp)
 
