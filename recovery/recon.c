@@ -66,6 +66,9 @@ static struct {
     char cursor[200];
     int64_t pages, seen, differences;
     int failures;                  /* consecutive failed list or page calls */
+    bool finishing;                /* the last step is due (retried until it is written) */
+    bool finish_failed;            /* ... as a failed run, with finish_error */
+    char finish_error[300];
     int64_t yielded_ms;            /* waited for the payment pool before this page */
     /* metrics */
     int64_t open[PC_ARRAY_LEN(kinds)];
@@ -138,6 +141,7 @@ static void release(void)
 {
     R.active = false;
     R.starting = false;
+    R.finishing = false;
     loop_timer_stop(&R.step);
     if (!R.stopping)
         (void)store_recon_unlock();
@@ -167,6 +171,9 @@ static void answer_waiter(const cJSON *run, bool resumed, proto_err code, const 
 static void finish_cb(st_status st, const char *sqlstate, const char *errmsg, const char *json, void *arg)
 {
     bool failed = arg != NULL;
+    R.in_call = false;
+    if (R.stopping)
+        return;
     if (st == ST_ERROR && sqlstate && !strcmp(sqlstate, "PCRCS")) {
         /* Finished already (an earlier attempt whose answer was lost, or another driver). */
         log_notice("recon run=%lld event=finished_already", (long long)R.run_id);
@@ -175,12 +182,10 @@ static void finish_cb(st_status st, const char *sqlstate, const char *errmsg, co
         return;
     }
     if (st != ST_OK) {
-        if (!R.stopping) {
-            log_warn("recon run=%lld event=finish_failed error=\"%s\" note=\"retried\"", (long long)R.run_id,
-                     errmsg ? errmsg : "");
-            R.failures++;
-            step_later(1000LL << (R.failures < 5 ? R.failures : 5));
-        }
+        log_warn("recon run=%lld event=finish_failed error=\"%s\" note=\"retried\"", (long long)R.run_id,
+                 errmsg ? errmsg : "");
+        R.failures++;
+        step_later(1000LL << (R.failures < 5 ? R.failures : 5));
         return;
     }
     cJSON *a = cJSON_Parse(json);
@@ -213,12 +218,18 @@ static void finish_cb(st_status st, const char *sqlstate, const char *errmsg, co
 
 static void finish(const char *error)
 {
+    if (!R.finishing) {
+        R.finishing = true;
+        R.finish_failed = error != NULL;
+        snprintf(R.finish_error, sizeof(R.finish_error), "%s", error ? error : "");
+    }
     /* A payment's create is sent before its deadline: older ones are at the processor if anywhere. */
     int64_t settle_ms = (int64_t)D->cfg.payment_deadline_ms + 1000;
-    if (store_recon_finish(R.run_id, error, settle_ms, finish_cb, error ? (void *)1 : NULL) != STORE_QUEUED) {
-        R.failures++;
-        step_later(1000);
-    }
+    if (store_recon_finish(R.run_id, R.finish_failed ? R.finish_error : NULL, settle_ms, finish_cb,
+                           R.finish_failed ? (void *)1 : NULL) == STORE_QUEUED)
+        R.in_call = true;
+    else
+        step_later(1000);       /* step() retries the last step */
 }
 
 /* ---------------------------------------------------------------- pages */
@@ -384,6 +395,10 @@ static void step(void *arg)
     (void)arg;
     if (!R.active || R.in_call || R.stopping)
         return;
+    if (R.finishing) {
+        finish(NULL);
+        return;
+    }
     /* Yield to payments: while the payment pool has queries waiting, wait
      * (at most YIELD_MAX_MS per page). */
     store_pool_stats ps;
@@ -459,6 +474,7 @@ static void start_cb(st_status st, const char *sqlstate, const char *errmsg, con
     R.differences = json_i64(run, "differences");
     R.failures = 0;
     R.yielded_ms = 0;
+    R.finishing = false;
     bool resumed = R.pages > 0 || R.from_s != x->q.from_s || R.to_s != x->q.to_s ||
                    strcmp(json_s(run, "trigger") ? json_s(run, "trigger") : "", x->q.trigger) != 0;
     R.starting = false;
