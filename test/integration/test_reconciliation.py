@@ -594,3 +594,23 @@ def test_a_page_applied_already_is_not_applied_twice(env):
     assert (seen, pages) == (400, 20), (seen, pages)
     assert "event=cursor_reread" in d.log_text()
     check_invariants(env.pg, env.psp)
+
+
+@pytest.mark.skipif(PROCESSOR != "generic", reason="generic list endpoint")
+def test_list_failures_are_retried_and_a_refusal_fails_the_run(env):
+    pp = env.pspproxy()
+    d = env.daemon(processor_url=pp.url)
+    c = d.client()
+    env.open_account(c, "acct-1", balance=1000)
+    pay(c, "acct-1", 100, "f1")
+    pp.add_rule("GET", "/v1/payments?", "answer", status=503, count=2)
+    run = run_reconcile(c, timeout=60, **window())
+    assert run["state"] == "done" and run["seen"] == 1 and run["matched"] == 1, run
+    assert d.log_text().count("event=list_failed") == 2
+    pp.add_rule("GET", "/v1/payments?", "answer", status=401, count=1)
+    run = run_reconcile(c, timeout=30, **window())
+    assert run["state"] == "failed" and "auth" in run["error"], run
+    assert "event=failed" in d.log_text() and "alert=reconciliation" in d.log_text()
+    run = run_reconcile(c, timeout=30, **window())     # the same window again: done
+    assert run["state"] == "done", run
+    check_invariants(env.pg, env.psp)
