@@ -16,9 +16,9 @@
  *   lost database) stays 'running' and the next start (or the next minute's
  *   tick, on any node) resumes it from its cursor: no page is lost, none is
  *   counted twice.
- * - Never in the payment path's way: its SQL runs on recovery's pool, one
- *   statement at a time; its listing on an HTTP client of its own with one
- *   connection; pages are small and spaced, and while the payment pool has
+ * - Never in the payment path's way: its SQL runs on a database connection
+ *   of its own (store_recon_open), one statement at a time; its listing on
+ *   an HTTP client of its own with one connection; pages are small and spaced, and while the payment pool has
  *   queued queries the next page waits (up to a second).
  * - Scheduled daily at recon_schedule (UTC) over [T - lag - window, T - lag),
  *   once per window; on demand with `reconcile` (admin).
@@ -801,7 +801,8 @@ int recon_init(void)
     memset(&R, 0, sizeof(R));
     for (size_t i = 0; i < PC_ARRAY_LEN(kinds); i++)
         R.open[i] = -1;
-    if (loop_timer_init(&R.tick, tick, NULL) != 0 || loop_timer_init(&R.step, step, NULL) != 0)
+    if (loop_timer_init(&R.tick, tick, NULL) != 0 || loop_timer_init(&R.step, step, NULL) != 0 ||
+        store_recon_open() != 0)
         return -1;
     R.ready = true;
     loop_timer_start(&R.tick, FIRST_TICK_MS);
@@ -819,6 +820,7 @@ void recon_shutdown(void)
     loop_timer_deinit(&R.tick);
     loop_timer_deinit(&R.step);
     proc_list_shutdown();
+    store_recon_close();
     R.active = false;
     R.ready = false;
 }

@@ -395,12 +395,18 @@ int store_resolve_end(int64_t resolution_id, const char *gid, const char *outcom
 
 /* ------------------------------------------------------------ reconciliation */
 
-/* Reconciliation (recovery/recon.c, docs/reconciliation.md) runs on
- * recovery's pool (CH_REC), one statement at a time, never on the payment
- * path's connections. Each call answers one JSON text (NULL unless ST_OK);
+/* Reconciliation (recovery/recon.c, docs/reconciliation.md): a run's own
+ * statements (start, run, page, finish, open counts) go to a pool of one
+ * connection of its own, opened by store_recon_open() (after store_init)
+ * and closed by store_recon_close() (before store_shutdown); the operators'
+ * reads and settlements run on recovery's pool (CH_REC). Never on the
+ * payment path's connections. Each call answers one JSON text (NULL unless ST_OK);
  * errors carry the SQLSTATE (PCRCS: a page or settlement that was applied
  * already, nothing changed). */
 typedef void (*store_json_fn)(st_status st, const char *sqlstate, const char *errmsg, const char *json, void *arg);
+
+int store_recon_open(void) PC_MUSTCHECK;
+void store_recon_close(void);
 
 /* One run at a time across nodes: a session advisory lock on the lock
  * session (released with it if the daemon dies). cb(got). */

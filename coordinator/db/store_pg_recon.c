@@ -1,12 +1,17 @@
 /*
  * store_pg_recon.c - the store's statements for reconciliation (store.h,
  * "reconciliation"), on PostgreSQL: thin calls of the functions of
- * sql/006_reconciliation.sql, on recovery's pool (CH_REC), each answering
- * one JSON text. The run lock is a session advisory lock on the lock
- * session, so it goes with the daemon.
+ * sql/006_reconciliation.sql, each answering one JSON text. A run's own
+ * statements (start, pages, finish, counts) go to a pool of their own with
+ * one connection (its connection budget: neither the payment path's nor
+ * recovery's connections); the operators' reads and settlements run on
+ * recovery's pool (CH_REC) like the other admin ops. The run lock is a
+ * session advisory lock on the lock session, so it goes with the daemon.
  */
 #include "store_pg.h"
+#include "ctx.h"
 #include "log.h"
+#include "loop.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -32,6 +37,46 @@ static void json_cb(const pgpool_reply *r, void *arg)
 static int json_call(const char *sql, int n, const char *const *params, store_json_fn cb, void *arg)
 {
     return spg_params(CH_REC, sql, n, params, json_cb, spg_call_new((store_any_fn)cb, arg));
+}
+
+/* ---------------------------------------------------------------- the run's own pool */
+
+static pgpool *run_pool;
+
+int store_recon_open(void)
+{
+    const pc_config *cfg = &D->cfg;
+    char app[64];
+    snprintf(app, sizeof(app), "paycoord/%s/recon", cfg->node_id);
+    pgpool_config pc = { .conninfo = cfg->db_conninfo, .size = 1, .max_queue = 64, .connect_timeout_ms = 5000,
+                         .reconnect_min_ms = 100, .reconnect_max_ms = cfg->db_reconnect_max_ms,
+                         .lock_timeout_ms = cfg->db_lock_timeout_ms, .app_name = app };
+    run_pool = pgpool_new(loop_base(), &pc);
+    return run_pool ? 0 : -1;
+}
+
+void store_recon_close(void)
+{
+    pgpool *p = run_pool;
+    run_pool = NULL;
+    if (p)
+        pgpool_free(p);          /* what is pending is answered with ST_SHUTDOWN */
+}
+
+static int run_call(const char *sql, int n, const char *const *params, store_json_fn cb, void *arg)
+{
+    spg_call *c = spg_call_new((store_any_fn)cb, arg);
+    if (!c)
+        return STORE_OVERLOADED;
+    if (!run_pool) {
+        free(c);
+        return STORE_UNAVAILABLE;
+    }
+    int rc = pgpool_query_params(run_pool, sql, n, params, json_cb, c);
+    if (rc == PGPOOL_QUEUED)
+        return STORE_QUEUED;
+    free(c);
+    return rc == PGPOOL_UNAVAILABLE ? STORE_UNAVAILABLE : STORE_OVERLOADED;
 }
 
 /* ---------------------------------------------------------------- the run lock */
@@ -92,7 +137,7 @@ int store_recon_start(const store_recon_start_req *q, store_json_fn cb, void *ar
     snprintf(uid, sizeof(uid), "%u", q->uid);
     const char *params[9] = { from, to, q->source, q->path, q->trigger, q->node, uid,
                               q->only_if_new ? "t" : "f", q->resume_only ? "t" : "f" };
-    return json_call("SELECT " RUN_JSON " FROM pc_recon_start(to_timestamp($1::bigint), to_timestamp($2::bigint), "
+    return run_call("SELECT " RUN_JSON " FROM pc_recon_start(to_timestamp($1::bigint), to_timestamp($2::bigint), "
                      "$3, $4, $5, $6, $7::integer, $8::boolean, $9::boolean) r",
                      9, params, cb, arg);
 }
@@ -102,7 +147,7 @@ int store_recon_run(int64_t run_id, store_json_fn cb, void *arg)
     char id[24];
     snprintf(id, sizeof(id), "%lld", (long long)run_id);
     const char *params[1] = { id };
-    return json_call("SELECT " RUN_JSON " FROM recon_runs r WHERE r.run_id = $1::bigint", 1, params, cb, arg);
+    return run_call("SELECT " RUN_JSON " FROM recon_runs r WHERE r.run_id = $1::bigint", 1, params, cb, arg);
 }
 
 int store_recon_page(int64_t run_id, const char *prev, const char *next, const char *items_json, store_json_fn cb,
@@ -111,7 +156,7 @@ int store_recon_page(int64_t run_id, const char *prev, const char *next, const c
     char id[24];
     snprintf(id, sizeof(id), "%lld", (long long)run_id);
     const char *params[4] = { id, prev, next, items_json };
-    return json_call("SELECT array_to_json(pc_recon_page($1::bigint, $2, $3, $4::jsonb))", 4, params, cb, arg);
+    return run_call("SELECT array_to_json(pc_recon_page($1::bigint, $2, $3, $4::jsonb))", 4, params, cb, arg);
 }
 
 int store_recon_finish(int64_t run_id, const char *error, int64_t settle_ms, store_json_fn cb, void *arg)
@@ -120,12 +165,12 @@ int store_recon_finish(int64_t run_id, const char *error, int64_t settle_ms, sto
     snprintf(id, sizeof(id), "%lld", (long long)run_id);
     snprintf(ms, sizeof(ms), "%lld", (long long)settle_ms);
     const char *params[3] = { id, error, ms };
-    return json_call("SELECT array_to_json(pc_recon_finish($1::bigint, $2, $3::bigint))", 3, params, cb, arg);
+    return run_call("SELECT array_to_json(pc_recon_finish($1::bigint, $2, $3::bigint))", 3, params, cb, arg);
 }
 
 int store_recon_open_counts(store_json_fn cb, void *arg)
 {
-    return json_call("SELECT coalesce(json_object_agg(kind, n), '{}') FROM "
+    return run_call("SELECT coalesce(json_object_agg(kind, n), '{}') FROM "
                      "(SELECT kind, count(*) AS n FROM discrepancies WHERE state = 'open' GROUP BY kind) k",
                      0, NULL, cb, arg);
 }
