@@ -360,6 +360,8 @@ static void list_cb(const proc_list_page *pg, void *arg)
         cJSON_AddStringToObject(o, "id", it->id);
         cJSON_AddStringToObject(o, "status", status_text(it->status));
         cJSON_AddBoolToObject(o, "refunded", it->refunded);
+        if (it->refunded_amount > 0)
+            cJSON_AddItemToObject(o, "refunded_amount", proto_json_int(it->refunded_amount));
         cJSON_AddItemToObject(o, "amount", proto_json_int(it->amount));
         if (it->currency[0])
             cJSON_AddStringToObject(o, "currency", it->currency);

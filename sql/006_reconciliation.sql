@@ -144,8 +144,9 @@ END $$;
 -- store the differences, and move the run's cursor from p_prev to p_next,
 -- all in one transaction. A page applied already (the cursor moved on) is
 -- refused with PCRCS and changes nothing.
--- p_items: [{gid, id, status, refunded, amount, currency, account}] with status
--- succeeded | declined | pending | canceled.
+-- p_items: [{gid, id, status, refunded, refunded_amount, amount, currency, account}] with
+-- status succeeded | declined | pending | canceled; refunded_amount only for a
+-- partial refund (the processor kept amount - refunded_amount).
 -- Returns {seen, matched, in_progress, differences, not_ours}.
 CREATE FUNCTION pc_recon_page(p_run bigint, p_prev text, p_next text, p_items jsonb)
 RETURNS bigint[] LANGUAGE plpgsql AS $$
@@ -160,25 +161,29 @@ BEGIN
 
     IF to_regclass('pg_temp.recon_page') IS NULL THEN
         CREATE TEMP TABLE recon_page (
-            gid text, id text, status text, refunded boolean, amount bigint, currency text, account text,
-            payment_id uuid, our_account text, our_amount bigint, our_currency text, our_status text,
+            gid text, id text, status text, refunded boolean, refunded_amount bigint, amount bigint, currency text,
+            account text, payment_id uuid, our_account text, our_amount bigint, our_currency text, our_status text,
             prepared boolean, comp bigint, our_net bigint, their_net bigint, kind text) ON COMMIT DELETE ROWS;
     END IF;
 
     INSERT INTO recon_page
-    SELECT i.gid, i.id, i.status, coalesce(i.refunded, false), i.amount, upper(i.currency), i.account,
+    SELECT i.gid, i.id, i.status, coalesce(i.refunded, false), i.refunded_amount, i.amount, upper(i.currency),
+           i.account,
            p.payment_id, p.account_id, p.amount, p.currency, p.derived_status,
            EXISTS (SELECT 1 FROM pg_prepared_xacts x WHERE x.gid = i.gid AND x.database = current_database()),
            (SELECT coalesce(-sum(l.amount), 0) FROM discrepancies d JOIN ledger l USING (discrepancy_id)
              WHERE d.gid = i.gid),
            NULL, NULL, NULL
-      FROM jsonb_to_recordset(p_items) AS i(gid text, id text, status text, refunded boolean, amount bigint,
-                                            currency text, account text)
+      FROM jsonb_to_recordset(p_items) AS i(gid text, id text, status text, refunded boolean, refunded_amount bigint,
+                                            amount bigint, currency text, account text)
       LEFT JOIN payments_view p ON p.gid = i.gid;
 
     UPDATE recon_page SET
         our_net = CASE WHEN our_status = 'succeeded' THEN our_amount ELSE 0 END + comp,
-        their_net = CASE WHEN status = 'succeeded' AND NOT refunded THEN coalesce(amount, 0) ELSE 0 END;
+        their_net = CASE WHEN status <> 'succeeded' THEN 0
+                         WHEN refunded AND refunded_amount > 0 AND refunded_amount < amount THEN amount - refunded_amount
+                         WHEN refunded THEN 0
+                         ELSE coalesce(amount, 0) END;
     UPDATE recon_page SET kind = CASE
         WHEN gid IS NULL OR left(gid, 3) <> 'pc:' THEN 'not_ours'
         WHEN prepared OR status = 'pending' OR our_status = 'pending' THEN 'in_progress'
@@ -215,7 +220,7 @@ BEGIN
                jsonb_build_object('payment_id', payment_id, 'account', our_account, 'amount', our_amount,
                                   'currency', our_currency, 'status', our_status, 'compensated', comp) END,
            jsonb_build_object('id', id, 'status', status, 'amount', amount, 'currency', currency,
-                              'refunded', refunded, 'account', account),
+                              'refunded', refunded, 'refunded_amount', refunded_amount, 'account', account),
            our_net, their_net,
            CASE kind
                WHEN 'unknown_gid' THEN 'the processor charged a gid under our prefix that paycoord never makes'

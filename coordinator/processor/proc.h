@@ -174,6 +174,7 @@ typedef struct proc_list_item {
     char id[128];                  /* the processor's own id */
     proc_status status;            /* SUCCEEDED, DECLINED, PENDING, CANCELED */
     bool refunded;                 /* refunded (or charged back) afterwards */
+    int64_t refunded_amount;       /* how much of it, when the processor says (0: all of it, or unknown) */
     int64_t amount;
     char currency[4];
     char account[72];              /* the account it names, "" if none */

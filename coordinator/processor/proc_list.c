@@ -136,8 +136,13 @@ static bool stripe_item(const cJSON *pi, proc_list_item *it)
     int64_t refunded = 0;
     if (cJSON_IsObject(ch) && (cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(ch, "refunded")) ||
                                (proc_json_int(cJSON_GetObjectItemCaseSensitive(ch, "amount_refunded"), &refunded) &&
-                                refunded > 0)))
+                                refunded > 0))) {
         it->refunded = true;
+        /* A partial refund: what it kept is amount - amount_refunded. */
+        if (proc_json_int(cJSON_GetObjectItemCaseSensitive(ch, "amount_refunded"), &refunded) && refunded > 0 &&
+            refunded < it->amount)
+            it->refunded_amount = refunded;
+    }
     return true;
 }
 
