@@ -403,6 +403,14 @@ def test_paycoordctl_reconcile_discrepancies_settle_and_audit(env):
     assert r.returncode == 0 and json.loads(r.stdout)["outcome"] == "settled", r
     r = ctl(d, "discrepancies", "--all")
     assert r.returncode == 0 and "resolved" in r.stdout, r
+    # Dates (UTC) work as well as unix seconds; half a window is a usage error.
+    today = time.strftime("%Y-%m-%d", time.gmtime())
+    r = ctl(d, "--json", "reconcile", "--from", today, "--to", today + "T23:59:59Z", "--wait")
+    assert r.returncode == 0 and json.loads(r.stdout)["matched"] == 2, r
+    r = ctl(d, "reconcile", "--from", today)
+    assert r.returncode == 2 and "go together" in r.stderr, r
+    r = ctl(d, "reconcile", "--from", "yesterday", "--to", today)
+    assert r.returncode == 2, r
 
     # The audit finds a balance that is not the sum of its ledger (exit 1, the offender listed),
     # through the daemon and straight from PostgreSQL.
