@@ -21,6 +21,7 @@
 #include "owner.h"
 #include "payment.h"
 #include "proc.h"
+#include "recon.h"
 #include "recovery.h"
 #include "rng.h"
 #include "server.h"
@@ -302,6 +303,10 @@ int main(int argc, char **argv)
         log_error("event=startup_failed what=recovery");
         goto out;
     }
+    if (recon_init() != 0) {
+        log_error("event=startup_failed what=reconciliation");
+        goto out;
+    }
     if (server_start() != 0 || metrics_start() != 0 || stats_start() != 0)
         goto out;
     startup_timer = event_new(base, -1, EV_PERSIST, startup_cb, NULL);
@@ -335,6 +340,7 @@ out:
     metrics_stop();
     webhook_stop();
     stats_stop();
+    recon_shutdown();
     store_shutdown();
     proc_shutdown();
     pay_shutdown(true);

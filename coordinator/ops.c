@@ -11,6 +11,7 @@
 #include "nodelock.h"
 #include "payment.h"
 #include "reads.h"
+#include "recon.h"
 #include "recovery.h"
 #include "stats.h"
 #include "store.h"
@@ -70,6 +71,11 @@ void ops_dispatch(pc_request *r)
     case PROTO_OP_PREPARED: admin_handle_prepared(r); return;
     case PROTO_OP_RESOLVE: admin_handle_resolve(r); return;
     case PROTO_OP_RECOVER: admin_handle_recover(r); return;
+    case PROTO_OP_RECONCILE: recon_handle_reconcile(r); return;
+    case PROTO_OP_RECONCILE_STATUS: recon_handle_status(r); return;
+    case PROTO_OP_DISCREPANCIES: recon_handle_discrepancies(r); return;
+    case PROTO_OP_SETTLE_DISCREPANCY: recon_handle_settle(r); return;
+    case PROTO_OP_AUDIT: recon_handle_audit(r); return;
     case PROTO_OP__COUNT:
         break;
     }

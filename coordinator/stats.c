@@ -14,6 +14,7 @@
 #include "nodelock.h"
 #include "payment.h"
 #include "proc.h"
+#include "recon.h"
 #include "recovery.h"
 #include "store.h"
 
@@ -54,6 +55,15 @@ static double v_repl_unsafe(void)
 static double v_standbys(void) { return dbsafety_standbys(); }
 static double v_sync_standbys(void) { return dbsafety_sync_standbys(); }
 static double v_pooled(void) { return nodelock_get_state() == NODELOCK_POOLED; }
+static double v_recon_running(void) { return recon_running(); }
+static double v_recon_run_id(void) { return (double)recon_run_id(); }
+static double v_recon_pages(void) { return (double)recon_pages(); }
+static double v_recon_seen(void) { return (double)recon_seen(); }
+static double v_open_cnd(void) { return (double)recon_open("charged_not_debited"); }
+static double v_open_dnc(void) { return (double)recon_open("debited_not_charged"); }
+static double v_open_amt(void) { return (double)recon_open("amount_mismatch"); }
+static double v_open_unk(void) { return (double)recon_open("unknown_gid"); }
+static double v_open_rev(void) { return (double)recon_open("review"); }
 static double v_uptime(void) { return (double)(loop_now_ms() - D->started_ms); }
 
 static store_pool_stats pool_of(store_chan ch)
@@ -179,6 +189,25 @@ static const stat_def defs[] = {
       S(recoveries_rolled_back) },
     { "recovery.left", false, "paycoord_recoveries_total", "outcome=\"left\"", "counter", NULL,
       S(recoveries_left) },
+    { "reconciliation.running", true, "paycoord_reconciliation_running", "", "gauge",
+      "1 while this daemon drives a reconciliation run.", F(v_recon_running) },
+    { "reconciliation.run_id", false, NULL, NULL, NULL, NULL, F(v_recon_run_id) },
+    { "reconciliation.pages", false, NULL, NULL, NULL, NULL, F(v_recon_pages) },
+    { "reconciliation.seen", false, "paycoord_reconciliation_records_read", "", "gauge",
+      "Processor records the running reconciliation run has read so far.", F(v_recon_seen) },
+    { "reconciliation.runs", false, "paycoord_reconciliation_runs_total", "", "counter",
+      "Reconciliation runs this daemon finished (done or failed).", S(recon_runs) },
+    { "reconciliation.open.charged_not_debited", false, "paycoord_discrepancies_open",
+      "kind=\"charged_not_debited\"", "gauge",
+      "Open discrepancies by kind (docs/reconciliation.md); -1 until first counted.", F(v_open_cnd) },
+    { "reconciliation.open.debited_not_charged", false, "paycoord_discrepancies_open",
+      "kind=\"debited_not_charged\"", "gauge", NULL, F(v_open_dnc) },
+    { "reconciliation.open.amount_mismatch", false, "paycoord_discrepancies_open", "kind=\"amount_mismatch\"",
+      "gauge", NULL, F(v_open_amt) },
+    { "reconciliation.open.unknown_gid", false, "paycoord_discrepancies_open", "kind=\"unknown_gid\"", "gauge",
+      NULL, F(v_open_unk) },
+    { "reconciliation.open.review", false, "paycoord_discrepancies_open", "kind=\"review\"", "gauge", NULL,
+      F(v_open_rev) },
     { "alerts", false, "paycoord_alerts_total", "", "counter",
       "Log lines with alert= from the payment path and recovery (each needs a person: see docs/operations.md).",
       S(alerts) },

@@ -60,10 +60,16 @@ static const char *const op_names[PROTO_OP__COUNT] = {
     [PROTO_OP_RECOVER] = "recover",
     [PROTO_OP_STATS] = "stats",
     [PROTO_OP_HEALTH] = "health",
+    [PROTO_OP_RECONCILE] = "reconcile",
+    [PROTO_OP_RECONCILE_STATUS] = "reconcile_status",
+    [PROTO_OP_DISCREPANCIES] = "discrepancies",
+    [PROTO_OP_SETTLE_DISCREPANCY] = "settle_discrepancy",
+    [PROTO_OP_AUDIT] = "audit",
 };
 
 #define OP_LIST "pay, status, credit, balance, ping, account_open, prepared, " \
-                "resolve, recover, stats, health"
+                "resolve, recover, stats, health, reconcile, reconcile_status, discrepancies, " \
+                "settle_discrepancy, audit"
 
 const char *proto_op_name(proto_op op)
 {
@@ -81,6 +87,11 @@ bool proto_op_is_admin(proto_op op)
     case PROTO_OP_RECOVER:
     case PROTO_OP_STATS:
     case PROTO_OP_HEALTH:
+    case PROTO_OP_RECONCILE:
+    case PROTO_OP_RECONCILE_STATUS:
+    case PROTO_OP_DISCREPANCIES:
+    case PROTO_OP_SETTLE_DISCREPANCY:
+    case PROTO_OP_AUDIT:
         return true;
     default:
         return false;
@@ -447,6 +458,54 @@ static int op_resolve(const view *v, proto_request *req, proto_error *err)
     return req->reason != NULL ? 0 : fail_oom(err);
 }
 
+/* reconcile: optional from/to (unix seconds, both or neither, from < to,
+ * at most 31 days apart) and an optional settlement report path. */
+static int op_reconcile(const view *v, proto_request *req, proto_error *err)
+{
+    bool has_from, has_to;
+    if (need_int(v, "from", 0, INT64_C(32503680000), " (unix seconds)", &has_from, &req->from_s, err) != 0 ||
+        need_int(v, "to", 0, INT64_C(32503680000), " (unix seconds)", &has_to, &req->to_s, err) != 0)
+        return -1;
+    if (has_from != has_to)
+        return fail(err, PROTO_ERR_INVALID_REQUEST, "from and to go together (a window), or neither");
+    if (has_from && (req->to_s <= req->from_s || req->to_s - req->from_s > INT64_C(2678400)))
+        return fail(err, PROTO_ERR_INVALID_REQUEST, "to must be after from, by at most 31 days");
+    req->has_window = has_from;
+    const field *f = lookup(v, "report");
+    if (f == NULL)
+        return 0;
+    if (!cJSON_IsString(f->item) || f->item->valuestring == NULL || f->item->valuestring[0] != '/' ||
+        strlen(f->item->valuestring) > PROTO_PATH_MAX)
+        return fail(err, PROTO_ERR_INVALID_REQUEST, "report must be an absolute path of at most %d bytes",
+                    PROTO_PATH_MAX);
+    req->report = dup_string(f->item->valuestring, strlen(f->item->valuestring));
+    return req->report != NULL ? 0 : fail_oom(err);
+}
+
+static int op_settle_discrepancy(const view *v, proto_request *req, proto_error *err)
+{
+    const char *s;
+    size_t n;
+    if (need_int(v, "discrepancy_id", 1, INT64_MAX, "", NULL, &req->discrepancy_id, err) != 0)
+        return -1;
+    if (need_string(v, "action", "must be \"credit\", \"debit\" or \"accept\"", &s, &n, err) != 0)
+        return -1;
+    if (strcmp(s, "credit") != 0 && strcmp(s, "debit") != 0 && strcmp(s, "accept") != 0)
+        return fail(err, PROTO_ERR_INVALID_REQUEST, "action must be \"credit\", \"debit\" or \"accept\"");
+    memcpy(req->settle_action, s, n + 1);
+    if (need_string(v, "reason", REASON_RULE, &s, &n, err) != 0)
+        return -1;
+    if (n == 0 || n > PROTO_REASON_MAX)
+        return fail(err, PROTO_ERR_INVALID_REQUEST, "reason " REASON_RULE);
+    if (lookup(v, "account") != NULL) {
+        req->has_account = true;
+        if (field_account(v, req, err) != 0)
+            return -1;
+    }
+    req->reason = dup_string(s, n);
+    return req->reason != NULL ? 0 : fail_oom(err);
+}
+
 static int op_fields(const view *v, int64_t max_amount, proto_request *req, proto_error *err)
 {
     switch (req->op) {
@@ -477,8 +536,24 @@ static int op_fields(const view *v, int64_t max_amount, proto_request *req, prot
         memcpy(req->node, f->item->valuestring, strlen(f->item->valuestring) + 1);
         return 0;
     }
+    case PROTO_OP_RECONCILE:
+        return op_reconcile(v, req, err);
+    case PROTO_OP_SETTLE_DISCREPANCY:
+        return op_settle_discrepancy(v, req, err);
+    case PROTO_OP_DISCREPANCIES: {
+        const field *f = lookup(v, "all");
+        if (f != NULL && !cJSON_IsBool(f->item))
+            return fail(err, PROTO_ERR_INVALID_REQUEST, "all must be true or false");
+        req->all = f != NULL && cJSON_IsTrue(f->item);
+        return 0;
+    }
+    case PROTO_OP_AUDIT:
+        if (lookup(v, "account") == NULL)
+            return 0;
+        req->has_account = true;
+        return field_account(v, req, err);
     default:
-        return 0;               /* ping, stats, health: no fields */
+        return 0;               /* ping, stats, health, reconcile_status: no fields */
     }
 }
 
@@ -671,6 +746,8 @@ void proto_request_free(proto_request *req)
     req->metadata = NULL;
     free(req->reason);
     req->reason = NULL;
+    free(req->report);
+    req->report = NULL;
 }
 
 void proto_error_free(proto_error *err)

@@ -27,6 +27,7 @@
 #define PROTO_META_VALUE_MAX 500
 #define PROTO_GID_MAX 200
 #define PROTO_NODE_MAX 32
+#define PROTO_PATH_MAX 1024                     /* reconcile: a settlement report's path */
 
 /* Additional limits (added with the implementation). */
 #define PROTO_ID_MAX 255                        /* bytes of a string id */
@@ -48,6 +49,11 @@ typedef enum {
     PROTO_OP_RECOVER,
     PROTO_OP_STATS,
     PROTO_OP_HEALTH,
+    PROTO_OP_RECONCILE,                         /* reconciliation (docs/reconciliation.md) */
+    PROTO_OP_RECONCILE_STATUS,
+    PROTO_OP_DISCREPANCIES,
+    PROTO_OP_SETTLE_DISCREPANCY,
+    PROTO_OP_AUDIT,
     PROTO_OP__COUNT
 } proto_op;
 
@@ -105,6 +111,13 @@ typedef struct proto_request {
     proto_action action;                        /* resolve */
     char *reason;                               /* resolve */
     char node[PROTO_NODE_MAX + 1];              /* recover (extension): "" = this daemon's node */
+    bool has_window;                            /* reconcile: from and to given (both or neither) */
+    int64_t from_s, to_s;                       /* reconcile: the window, unix seconds, from < to */
+    char *report;                               /* reconcile: a settlement report's path (NULL: none) */
+    int64_t discrepancy_id;                     /* settle_discrepancy */
+    char settle_action[8];                      /* settle_discrepancy: credit | debit | accept */
+    bool all;                                   /* discrepancies: resolved ones too */
+    bool has_account;                           /* audit: one account (else all); settle_discrepancy: the account */
 } proto_request;
 
 /* Parse and validate one request line (without its '\n'). Returns 0 and fills

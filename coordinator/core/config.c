@@ -40,7 +40,7 @@ static const setting settings[] = {
     { "client_partial_timeout_ms", T_INT, OFF(client_partial_timeout_ms), "10000", 100, 3600000, true,
       "A client that sends part of a line and then nothing for this long is disconnected." },
     { "admin_uids", T_STR, OFF(admin_uids), "", 0, 0, true,
-      "Comma-separated uids granted the admin class (`account_open`, `prepared`, `resolve`, `recover`, `stats`, `health`) and with it every other class. Root and the daemon's own uid always hold every class." },
+      "Comma-separated uids granted the admin class (`account_open`, `prepared`, `resolve`, `recover`, `stats`, `health`, and the reconciliation ops `reconcile`, `reconcile_status`, `discrepancies`, `settle_discrepancy`, `audit`) and with it every other class. Root and the daemon's own uid always hold every class." },
     { "admin_gids", T_STR, OFF(admin_gids), "", 0, 0, true,
       "Comma-separated gids granted the admin class (and every other); matched against the peer's effective gid only." },
     { "credit_uids", T_STR, OFF(credit_uids), "", 0, 0, true,
@@ -154,6 +154,22 @@ static const setting settings[] = {
       "Recovery attempts on one payment before it goes to manual review." },
     { "processor_idempotency_window_s", T_INT, OFF(processor_idempotency_window_s), "86400", 1, 31536000, true,
       "For a processor without cancel-by-key: how long a key may still charge; recovery waits this out before rolling back." },
+    { "recon_schedule", T_STR, OFF(recon_schedule), "03:00", 0, 0, true,
+      "Time of day (HH:MM, UTC) of the daily reconciliation run; empty: no scheduled run (`paycoordctl reconcile` still works). See docs/reconciliation.md." },
+    { "recon_window_s", T_INT, OFF(recon_window_s), "86400", 60, 2678400, true,
+      "Length of the window a scheduled reconciliation run compares (it ends recon_lag_s before the scheduled time)." },
+    { "recon_lag_s", T_INT, OFF(recon_lag_s), "3600", 0, 2678400, true,
+      "How long before the scheduled time the window of a scheduled run ends, so that payments still in progress have settled (Adyen settlement reports lag by days: raise it there)." },
+    { "recon_slack_s", T_INT, OFF(recon_slack_s), "600", 0, 86400, true,
+      "The processor is listed this much beyond each end of the window, so that a payment whose clocks straddle an end is still matched." },
+    { "recon_page_size", T_INT, OFF(recon_page_size), "500", 1, 1000, true,
+      "Processor records per page of a reconciliation run (Stripe pages hold at most 100); each page is one transaction." },
+    { "recon_page_pause_ms", T_INT, OFF(recon_page_pause_ms), "5", 0, 60000, true,
+      "Pause between two pages of a reconciliation run; while the payment pool has queued queries the run waits longer (it yields to payments)." },
+    { "recon_request_timeout_ms", T_INT, OFF(recon_request_timeout_ms), "30000", 100, 600000, true,
+      "Timeout of one list request to the processor during reconciliation." },
+    { "recon_adyen_report", T_STR, OFF(recon_adyen_report), "", 0, 0, true,
+      "processor_api = adyen: path of the settlement details report (CSV) a scheduled run reads; empty: scheduled runs are skipped (run `paycoordctl reconcile --report FILE`)." },
     { "allow_root", T_BOOL, OFF(allow_root), "false", 0, 1, false,
       "Allow running as root (refused otherwise; run as a dedicated user)." },
     { "metrics_listen", T_STR, OFF(metrics_listen), "", 0, 0, false,
@@ -321,6 +337,15 @@ int config_validate(const pc_config *cfg, char *err, size_t errlen)
         snprintf(err, errlen, "payment_deadline_ms: must be shorter than stripe_key_window_s (a create is "
                               "replayed only while Stripe keeps its key)");
         return -1;
+    }
+    if (cfg->recon_schedule[0]) {
+        const char *t = cfg->recon_schedule;
+        bool ok = strlen(t) == 5 && t[0] >= '0' && t[0] <= '2' && t[1] >= '0' && t[1] <= '9' && t[2] == ':' &&
+                  t[3] >= '0' && t[3] <= '5' && t[4] >= '0' && t[4] <= '9' && (t[0] - '0') * 10 + (t[1] - '0') < 24;
+        if (!ok) {
+            snprintf(err, errlen, "recon_schedule: must be HH:MM (UTC, 00:00-23:59) or empty");
+            return -1;
+        }
     }
     if (!strcmp(cfg->processor_api, "adyen")) {
         if (!cfg->adyen_merchant_account[0]) {

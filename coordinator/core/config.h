@@ -84,6 +84,15 @@ typedef struct pc_config {
     int recovery_interval_ms;
     int max_recovery_attempts;
     int processor_idempotency_window_s;
+    /* reconciliation */
+    char *recon_schedule;
+    int recon_window_s;
+    int recon_lag_s;
+    int recon_slack_s;
+    int recon_page_size;
+    int recon_page_pause_ms;
+    int recon_request_timeout_ms;
+    char *recon_adyen_report;
     /* operations */
     bool allow_root;
     char *metrics_listen;

@@ -29,6 +29,7 @@ typedef struct pc_stats {
     uint64_t lat_buckets[PC_LAT_BUCKETS];    /* processor latency histogram, ms: <=1,2,4..., +Inf */
     double lat_sum_ms;
     uint64_t recoveries_committed, recoveries_rolled_back, recoveries_left, recovery_runs;
+    uint64_t recon_runs;                     /* reconciliation runs finished (done or failed) */
     uint64_t alerts;                         /* log lines carrying alert=, by the money path and recovery */
     uint64_t anomalies;                      /* the database and the processor disagree (ctx_anomaly) */
     uint64_t clients_accepted, clients_refused;

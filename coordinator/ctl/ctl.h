@@ -32,6 +32,7 @@
 enum {
     O_SOCKET, O_JSON, O_TIMEOUT, O_DB, O_HELP, O_VERSION,
     O_OLDER_THAN, O_REASON, O_YES, O_REFERENCE, O_WAIT_MS, O_PAYMENT_ID, O_NODE,
+    O_FROM, O_TO, O_REPORT, O_WAIT, O_ALL, O_ACTION, O_ACCOUNT,
     O__COUNT
 };
 #define OB(o) (1u << (o))
@@ -106,6 +107,9 @@ void ctl_add_printable(sbuf *b, const char *s);
 void ctl_print_json(const cJSON *v);
 void ctl_print_object(FILE *out, const cJSON *obj, const char *title);
 void ctl_print_prepared_table(const cJSON *result);
+/* An array of objects as a table, one column per key ("a.b": member b of member a). */
+void ctl_print_rows(const cJSON *rows, size_t ncols, const char *const *headers, const char *const *keys,
+                    const bool *right);
 /* A successful result: --json as one line, else the vertical layout. */
 int ctl_print_result(const ctl_ctx *x, const cJSON *result);
 int ctl_report_error(const char *code, const char *message);
@@ -144,5 +148,12 @@ int ctl_cmd_balance(ctl_ctx *x);
 int ctl_cmd_pay(ctl_ctx *x);
 int ctl_cmd_credit(ctl_ctx *x);
 int ctl_cmd_status(ctl_ctx *x);
+
+/* ------------------------------------------------------------------ ctl_recon.c */
+
+int ctl_cmd_reconcile(ctl_ctx *x);
+int ctl_cmd_discrepancies(ctl_ctx *x);
+int ctl_cmd_settle_discrepancy(ctl_ctx *x);
+int ctl_cmd_audit(ctl_ctx *x);
 
 #endif

@@ -335,3 +335,36 @@ void ctl_print_prepared_table(const cJSON *result)
         free(cells[i]);
     free(cells);
 }
+
+/* An array of objects as a table: one column per key (a dotted key "a.b"
+ * reads a member of a nested object). */
+void ctl_print_rows(const cJSON *rows, size_t ncols, const char *const *headers, const char *const *keys,
+                    const bool *right)
+{
+    size_t nrows = (size_t)cJSON_GetArraySize(rows);
+    char **cells = calloc(nrows * ncols + 1, sizeof(*cells));
+    if (!cells)
+        ctl_oom();
+    size_t r = 0;
+    const cJSON *row;
+    cJSON_ArrayForEach(row, rows) {
+        for (size_t c = 0; c < ncols; c++) {
+            const cJSON *v = row;
+            char part[64];
+            const char *k = keys[c], *dot;
+            while (v && (dot = strchr(k, '.')) && (size_t)(dot - k) < sizeof(part)) {
+                memcpy(part, k, (size_t)(dot - k));
+                part[dot - k] = '\0';
+                v = cJSON_GetObjectItemCaseSensitive(v, part);
+                k = dot + 1;
+            }
+            v = v ? cJSON_GetObjectItemCaseSensitive(v, k) : NULL;
+            cells[r * ncols + c] = value_text(v);
+        }
+        r++;
+    }
+    print_table(stdout, ncols, headers, right, cells, nrows);
+    for (size_t i = 0; i < nrows * ncols; i++)
+        free(cells[i]);
+    free(cells);
+}

@@ -139,6 +139,13 @@ static const struct {
     [O_WAIT_MS] = { "wait-ms", true, "--wait-ms N            how long the daemon waits for a final outcome" },
     [O_PAYMENT_ID] = { "payment-id", true, "--payment-id UUID      look up by payment id instead of KEY" },
     [O_NODE] = { "node", true, "--node NODE            settle a dead node's gids" },
+    [O_FROM] = { "from", true, "--from TIME            start of the window (unix seconds, YYYY-MM-DD or YYYY-MM-DDTHH:MM[:SS]Z, UTC)" },
+    [O_TO] = { "to", true, "--to TIME              end of the window (excluded), same forms" },
+    [O_REPORT] = { "report", true, "--report FILE          Adyen: the settlement details report (CSV) to compare" },
+    [O_WAIT] = { "wait", false, "--wait                 wait for the run to end and print its counts" },
+    [O_ALL] = { "all", false, "--all                  resolved ones too" },
+    [O_ACTION] = { "action", true, "--action A             credit, debit (a compensating ledger entry) or accept (none)" },
+    [O_ACCOUNT] = { "account", true, "--account ACCOUNT      this account only" },
 };
 
 static int cmd_help(ctl_ctx *x);
@@ -233,6 +240,48 @@ static const ctl_cmd COMMANDS[] = {
       "paycoordctl status order-123\n"
       "  paycoordctl status --payment-id 3f2a1c9e-0b7d-4e8a-9c1f-2d3e4f5a6b7c",
       0, 1, OB(O_PAYMENT_ID), ctl_cmd_status },
+    { "reconcile", "reconcile [--from TIME --to TIME] [--report FILE] [--wait] | reconcile status",
+      "compare our books with the processor's (admin)",
+      "Start a reconciliation run over a window (default: the last recon_window_s,\n"
+      "24 h): the processor's own list of payments is compared with ours, matched by\n"
+      "gid, and every difference is stored as a discrepancy ('discrepancies'). One\n"
+      "run at a time across all nodes; a run that was interrupted is resumed first\n"
+      "(the answer says resumed). With processor_api = adyen, --report names the\n"
+      "settlement details report (CSV) to compare. --wait polls until the run ends and\n"
+      "prints its counts (exit 1 if it failed). 'reconcile status' lists the latest\n"
+      "runs with their progress. See docs/reconciliation.md.",
+      "paycoordctl reconcile --from 2026-11-25 --to 2026-11-26 --wait\n"
+      "  paycoordctl reconcile status",
+      0, 1, OB(O_FROM) | OB(O_TO) | OB(O_REPORT) | OB(O_WAIT), ctl_cmd_reconcile },
+    { "discrepancies", "discrepancies [--all]", "differences found by reconciliation (admin)",
+      "List the open discrepancies (--all: resolved ones too): id, kind\n"
+      "(charged_not_debited, debited_not_charged, amount_mismatch, unknown_gid,\n"
+      "review), the gid, the account, our amount and the processor's, when last seen\n"
+      "and what differs. --json gives both sides' evidence in full. What to do about\n"
+      "each kind: docs/reconciliation.md.",
+      "paycoordctl discrepancies", 0, 0, OB(O_ALL), ctl_cmd_discrepancies },
+    { "settle-discrepancy", "settle-discrepancy ID --action credit|debit|accept --reason TEXT [--account A] [--yes]",
+      "settle a discrepancy by hand (admin)",
+      "Settle discrepancy ID: debit or credit posts a compensating ledger entry (a\n"
+      "new entry with its own reason, never an edit) of the amount the discrepancy\n"
+      "calls for, on its account; accept records that it needs no entry (e.g. it was\n"
+      "refunded at the processor). A debit the balance cannot cover is refused, as is\n"
+      "an action the wrong way round. --account names the account when neither side\n"
+      "does (an Adyen settlement report names none). The audit row (your uid, the\n"
+      "reason) is written before the action. Without a terminal it refuses unless\n"
+      "--yes is given.",
+      "paycoordctl settle-discrepancy 12 --action debit \\\n"
+      "      --reason 'charge psp_8c1 lost in the restore of 26 Nov (ticket OPS-12)' --yes",
+      1, 1, OB(O_ACTION) | OB(O_REASON) | OB(O_YES) | OB(O_ACCOUNT), ctl_cmd_settle_discrepancy },
+    { "audit", "audit [--account ACCOUNT]", "check the ledger's invariants (admin)",
+      "Check I1 (every balance is the sum of its ledger entries), I4 (no balance and\n"
+      "no entry's balance_after is negative) and that every succeeded payment has\n"
+      "exactly one debit entry (declined ones none, every applied credit one entry),\n"
+      "for every account or one. Exit status 1 with the list of offenders. With --db\n"
+      "CONNINFO it reads PostgreSQL directly (daemon not needed).",
+      "paycoordctl audit\n"
+      "  paycoordctl --db 'host=/run/postgresql dbname=paycoord' audit --account acct-42",
+      0, 0, OB(O_ACCOUNT), ctl_cmd_audit },
     { "help", "help [COMMAND]", "this overview, or one command's help",
       "Print the overview of every command, or the usage, description and an\n"
       "example of COMMAND.",
@@ -267,7 +316,7 @@ static void print_overview(FILE *out)
 {
     fputs("paycoordctl - admin CLI of paycoord, the two-phase-commit payment coordinator\n\n"
           "usage: paycoordctl [--socket PATH] [--json] [--timeout SEC] COMMAND [ARGS]\n"
-          "       paycoordctl --db CONNINFO prepared [--older-than DURATION]\n"
+          "       paycoordctl --db CONNINFO prepared [--older-than DURATION] | audit [--account A]\n"
           "       paycoordctl help [COMMAND] | --version\n\n"
           "commands:\n", out);
     for (size_t i = 0; i < PC_ARRAY_LEN(COMMANDS); i++)
@@ -278,7 +327,7 @@ static void print_overview(FILE *out)
           "  --json          print the daemon's result object as one JSON line\n"
           "  --timeout SEC   give up after SEC seconds (default 30, pay: its wait + 5;\n"
           "                  2.5, 500ms, 1m also)\n"
-          "  --db CONNINFO   'prepared' straight from PostgreSQL (daemon not needed)\n"
+          "  --db CONNINFO   'prepared' and 'audit' straight from PostgreSQL (daemon not needed)\n"
           "  -h, --help      help; 'paycoordctl help COMMAND' for one command\n"
           "  --version       print the version\n\n"
           "exit status: 0 ok, 1 the daemon answered an error, 2 usage error,\n"
@@ -392,8 +441,8 @@ int main(int argc, char **argv)
     if (n < cmd->min_args || n > cmd->max_args)
         return ctl_usage_error(cmd, "'%s' takes %s arguments", cmd->name,
                                n < cmd->min_args ? "more" : "fewer");
-    if (x.optset[O_DB] && cmd->run != ctl_cmd_prepared)
-        return ctl_usage_error(cmd, "--db works only with 'prepared'");
+    if (x.optset[O_DB] && cmd->run != ctl_cmd_prepared && cmd->run != ctl_cmd_audit)
+        return ctl_usage_error(cmd, "--db works only with 'prepared' and 'audit'");
 
     const char *env_sock = getenv("PAYCOORD_SOCKET");
     x.socket_path = x.optset[O_SOCKET] ? x.optval[O_SOCKET]

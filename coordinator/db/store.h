@@ -430,4 +430,68 @@ int store_resolve_begin(const char *gid, bool commit, const char *reason, unsign
 int store_resolve_end(int64_t resolution_id, const char *gid, const char *outcome, bool settled, bool rolled_back,
                       void (*cb)(st_status st, void *), void *arg) PC_MUSTCHECK;
 
+/* ------------------------------------------------------------ reconciliation */
+
+/* Reconciliation (recovery/recon.c, docs/reconciliation.md): a run's own
+ * statements (start, run, page, finish, open counts) go to a pool of one
+ * connection of its own, opened by store_recon_open() (after store_init)
+ * and closed by store_recon_close() (before store_shutdown); the operators'
+ * reads and settlements run on recovery's pool (CH_REC). Never on the
+ * payment path's connections. Each call answers one JSON text (NULL unless ST_OK);
+ * errors carry the SQLSTATE (PCRCS: a page or settlement that was applied
+ * already, nothing changed). */
+typedef void (*store_json_fn)(st_status st, const char *sqlstate, const char *errmsg, const char *json, void *arg);
+
+int store_recon_open(void) PC_MUSTCHECK;
+void store_recon_close(void);
+
+/* One run at a time across nodes: a session advisory lock on the lock
+ * session (released with it if the daemon dies). cb(got). */
+int store_recon_lock(void (*cb)(st_status st, bool got, void *), void *arg) PC_MUSTCHECK;
+int store_recon_unlock(void);
+
+typedef struct store_recon_start_req {
+    int64_t from_s, to_s;          /* the window (unix seconds) */
+    const char *source;            /* generic | stripe | adyen_csv */
+    const char *path;              /* adyen_csv: the report; else NULL */
+    const char *trigger;           /* schedule | manual */
+    const char *node;
+    unsigned uid;                  /* the operator's uid (manual) */
+    bool only_if_new;              /* nothing when a run of this window is done */
+    bool resume_only;              /* only hand back a run still running */
+} store_recon_start_req;
+
+/* Durable: the running run (resumed) or a new one, as the JSON of its
+ * recon_runs row; "null" when there is none to run. */
+int store_recon_start(const store_recon_start_req *q, store_json_fn cb, void *arg) PC_MUSTCHECK;
+/* Durable: one page (items_json: [{gid,id,status,refunded,amount,currency,account}]) applied and the
+ * cursor moved prev -> next in one transaction; answers [seen, matched, in_progress, differences, not_ours]. */
+int store_recon_page(int64_t run_id, const char *prev, const char *next, const char *items_json, store_json_fn cb,
+                     void *arg) PC_MUSTCHECK;
+/* Durable: the run's last step (error NULL) or its failure; answers [missing_there, reviews, open].
+ * settle_ms: our payments created less than this before the run started are not looked for. */
+int store_recon_finish(int64_t run_id, const char *error, int64_t settle_ms, store_json_fn cb, void *arg)
+    PC_MUSTCHECK;
+/* One run's row (JSON as above), or "null". */
+int store_recon_run(int64_t run_id, store_json_fn cb, void *arg) PC_MUSTCHECK;
+/* Open discrepancies by kind: {"kind": n, ...}. */
+int store_recon_open_counts(store_json_fn cb, void *arg) PC_MUSTCHECK;
+/* The latest runs (newest first, at most limit): [row, ...]. */
+int store_recon_runs(int limit, store_json_fn cb, void *arg) PC_MUSTCHECK;
+/* Discrepancies (open ones, or all): [row, ...], at most limit, oldest first. */
+int store_discrepancies(bool all, int limit, store_json_fn cb, void *arg) PC_MUSTCHECK;
+/* Durable: the audit row of a settlement, written before the action ('requested');
+ * answers {"settlement_id": n} or null when the discrepancy does not exist. account (NULL: none): the
+ * account the operator names, for a discrepancy whose sides name none. */
+int store_settle_begin(int64_t discrepancy_id, const char *action, const char *account, const char *reason,
+                       unsigned uid, const char *node, store_json_fn cb, void *arg) PC_MUSTCHECK;
+/* Durable: the action and the audit row's outcome in one transaction; answers
+ * {"outcome": "settled"|"refused", "message", "amount", "account", "entry_id", "balance"}. */
+int store_settle_do(int64_t settlement_id, store_json_fn cb, void *arg) PC_MUSTCHECK;
+/* Durable: the audit row's outcome after a failed action (nothing else changed). */
+int store_settle_failed(int64_t settlement_id, const char *why, store_json_fn cb, void *arg) PC_MUSTCHECK;
+/* The ledger audit (I1, I4, one debit per succeeded payment) of one account or all (NULL):
+ * [{"check", "account", "subject", "detail"}, ...] (empty: no offender). */
+int store_audit(const char *account, store_json_fn cb, void *arg) PC_MUSTCHECK;
+
 #endif

@@ -157,6 +157,48 @@ typedef struct proc_webhook_in {
     int64_t now_s;                 /* wall clock, for signature timestamps */
 } proc_webhook_in;
 
+/*
+ * Listing (reconciliation, recovery/recon.c): the processor's own records of
+ * a window, a page at a time, in a stable order, resumable from a cursor the
+ * adapter makes. generic: GET /v1/payments with created bounds and
+ * starting_after; stripe: GET /v1/payment_intents with created[gte]/[lt] and
+ * starting_after; adyen: no listing API, so a settlement details report (CSV)
+ * read from a file (req->path), the cursor being a byte offset in it.
+ * Listing runs on a client of its own (one connection), never on the
+ * payment path's.
+ */
+#define PROC_LIST_MAX 1000          /* records in one page at most */
+
+typedef struct proc_list_item {
+    char gid[208];                 /* our gid (key, metadata gid, merchant reference); "" if none */
+    char id[128];                  /* the processor's own id */
+    proc_status status;            /* SUCCEEDED, DECLINED, PENDING, CANCELED */
+    bool refunded;                 /* refunded (or charged back) afterwards */
+    int64_t refunded_amount;       /* how much of it, when the processor says (0: all of it, or unknown) */
+    int64_t amount;
+    char currency[4];
+    char account[72];              /* the account it names, "" if none */
+} proc_list_item;
+
+typedef struct proc_list_req {
+    int64_t from_s, to_s;          /* created in [from_s, to_s) (unix seconds) */
+    const char *cursor;            /* "" : from the start; else a cursor of a page of this adapter */
+    int limit;                     /* 1..PROC_LIST_MAX */
+    const char *path;              /* adyen: the settlement report file */
+} proc_list_req;
+
+typedef struct proc_list_page {
+    proc_outcome outcome;          /* PROC_PAYMENT: a page; else why not (RATE_LIMITED, AUTH, UNKNOWN, INVALID) */
+    int n;
+    const proc_list_item *items;
+    char cursor[200];              /* where the next page starts */
+    bool more;                     /* false: the window is done */
+    int retry_after_ms;
+    char error[256];
+} proc_list_page;
+
+typedef void (*proc_list_cb)(const proc_list_page *page, void *arg);
+
 typedef struct proc_adapter {
     const char *name;
     int (*create)(const proc_req *req, proc_cb cb, void *arg);
@@ -176,6 +218,8 @@ typedef struct proc_adapter {
     const char *webhook_header;
     /* Can it answer yet (Adyen: its stored webhook events are loaded)? NULL: always. */
     bool (*ready)(void);
+    /* One page of the processor's own list (above); NULL: cannot list. */
+    int (*list)(const proc_list_req *req, proc_list_cb cb, void *arg);
 } proc_adapter;
 
 void proc_use(const proc_adapter *a);
@@ -196,6 +240,16 @@ const char *proc_webhook_header(void);  /* NULL: none */
 /* The adapter can answer: recovery's passes wait for it (so the first pass,
  * and readiness with it, never runs on a partial picture). */
 bool proc_ready(void);
+
+/* One page of the adapter's list (proc_list.c); -1 (no callback) when it cannot list. */
+int proc_list(const proc_list_req *req, proc_list_cb cb, void *arg) PC_MUSTCHECK;
+/* The listing clients' shutdown (pending callbacks fire with PROC_UNKNOWN "shutdown"). */
+void proc_list_shutdown(void);
+/* The adapters' list implementations (proc_list.c, proc_list_adyen.c). */
+int proc_list_generic(const proc_list_req *req, proc_list_cb cb, void *arg);
+int proc_list_stripe(const proc_list_req *req, proc_list_cb cb, void *arg);
+int proc_list_adyen_csv(const proc_list_req *req, proc_list_cb cb, void *arg);
+void proc_list_adyen_stop(void);
 
 const char *proc_outcome_name(proc_outcome o);
 const char *proc_status_name(proc_status s);

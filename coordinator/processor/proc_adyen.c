@@ -336,7 +336,7 @@ static bool ad_ready(void) { return events_loaded; }
 static const proc_adapter adyen = {
     .name = "adyen", .create = ad_create, .get = ad_get, .cancel = ad_cancel, .in_flight = ad_in_flight,
     .shutdown = ad_shutdown, .caps = &caps, .webhook = ad_webhook, .event = ad_event,
-    .events_loaded = ad_events_loaded, .webhook_header = NULL, .ready = ad_ready,
+    .events_loaded = ad_events_loaded, .webhook_header = NULL, .ready = ad_ready, .list = proc_list_adyen_csv,
 };
 
 int proc_adyen_start(void)

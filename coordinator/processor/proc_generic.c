@@ -126,7 +126,8 @@ static void gen_shutdown(void)
 static proc_caps caps = { .get = PROC_GET_BY_KEY, .cancel = PROC_CANCEL_BY_KEY, .key_max = 255 };
 
 static const proc_adapter generic = { .name = "generic", .create = gen_create, .get = gen_get, .cancel = gen_cancel,
-                                      .in_flight = gen_in_flight, .shutdown = gen_shutdown, .caps = &caps };
+                                      .in_flight = gen_in_flight, .shutdown = gen_shutdown, .caps = &caps,
+                                      .list = proc_list_generic };
 
 int proc_generic_start(void)
 {

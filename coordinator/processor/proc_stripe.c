@@ -412,7 +412,7 @@ static void st_event(const proc_event *ev)
 static const proc_adapter stripe = {
     .name = "stripe", .create = st_create, .get = st_get, .cancel = st_cancel, .in_flight = st_in_flight,
     .shutdown = st_shutdown, .caps = &caps, .webhook = st_webhook, .event = st_event,
-    .webhook_header = "Stripe-Signature",
+    .webhook_header = "Stripe-Signature", .list = proc_list_stripe,
 };
 
 int proc_stripe_start(void)

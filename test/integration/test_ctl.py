@@ -23,7 +23,7 @@ from harness import check_invariants, wait_for
 CTL = os.environ.get("PAYCOORDCTL_BIN") or os.path.join(harness.BUILD, "coordinator", "ctl", "paycoordctl")
 
 COMMANDS = ["ping", "health", "stats", "prepared", "show", "resolve", "recover", "account", "balance",
-            "pay", "credit", "status", "help"]
+            "pay", "credit", "status", "reconcile", "discrepancies", "settle-discrepancy", "audit", "help"]
 
 
 @pytest.fixture(scope="module", autouse=True)

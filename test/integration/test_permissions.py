@@ -18,7 +18,8 @@ from test_operations import free_port
 ACCT = "acct-perm"
 CLASS = {"ping": "read", "status": "read", "balance": "read", "pay": "pay", "credit": "credit",
          "account_open": "admin", "prepared": "admin", "resolve": "admin", "recover": "admin",
-         "stats": "admin", "health": "admin"}
+         "stats": "admin", "health": "admin", "reconcile_status": "admin", "discrepancies": "admin",
+         "settle_discrepancy": "admin", "audit": "admin"}
 PERM_KEYS = ("admin_uids", "admin_gids", "credit_uids", "credit_gids", "pay_uids", "pay_gids",
              "read_uids", "read_gids", "client_uids", "client_gids")
 NO_GID = "pc:t1:" + "0" * 32          # a well-formed gid of this node that is not prepared
@@ -38,6 +39,10 @@ def all_ops(tag):
         ("recover", {}),
         ("stats", {}),
         ("health", {}),
+        ("reconcile_status", {}),
+        ("discrepancies", {}),
+        ("settle_discrepancy", {"discrepancy_id": 999999, "action": "accept", "reason": "permission test"}),
+        ("audit", {}),
     ]
 
 
@@ -149,7 +154,7 @@ def test_every_op_allowed_or_refused_as_configured(env):
             for (op, _), rep in zip(all_ops(tag), replies):
                 where = (grants, uid, gid, op, rep)
                 if op in allowed:
-                    if op == "resolve":          # allowed, and there is nothing to settle
+                    if op in ("resolve", "settle_discrepancy"):     # allowed, and there is nothing to settle
                         assert rep["ok"] is False and rep["error"]["code"] == "not_found", where
                     else:
                         assert rep["ok"] is True, where

@@ -858,6 +858,60 @@ static int control_settlement(sim_server *s, const char *query, char *err, size_
     return 200;
 }
 
+/* POST /control/amend {"key": K, "amount": N, "refunded": true}: change a
+ * recorded payment behind the merchant's back, as a processor that later
+ * corrects an amount or reverses a charge does (reconciliation tests). K is
+ * the key /control/payments shows. */
+static int control_amend(sim_server *s, const char *body, size_t len, char *err, size_t errlen)
+{
+    cJSON *o = cJSON_ParseWithLength(body, len);
+    int code = 400;
+    const cJSON *key = cJSON_GetObjectItemCaseSensitive(o, "key");
+    const cJSON *amount = cJSON_GetObjectItemCaseSensitive(o, "amount");
+    const cJSON *refunded = cJSON_GetObjectItemCaseSensitive(o, "refunded");
+    if (!cJSON_IsObject(o) || !cJSON_IsString(key) || (amount && !cJSON_IsNumber(amount)) ||
+        (refunded && !cJSON_IsBool(refunded))) {
+        snprintf(err, errlen, "amend takes {\"key\": string, \"amount\": integer, \"refunded\": bool}");
+        goto out;
+    }
+    if (amount && (amount->valuedouble < 1 || amount->valuedouble > 9007199254740991.0 ||
+                   amount->valuedouble != (double)(int64_t)amount->valuedouble)) {
+        snprintf(err, errlen, "amount must be an integer in 1..2^53-1");
+        goto out;
+    }
+    size_t klen = strlen(key->valuestring);
+    sim_payment *p = NULL;
+    for (size_t i = 0; (p = sim_store_at(s->store, i)) != NULL; i++) {
+        size_t n;
+        const char *k = list_key(s, p, &n);
+        if (k != NULL && n == klen && memcmp(k, key->valuestring, n) == 0)
+            break;
+    }
+    if (p == NULL || p->tombstone) {
+        snprintf(err, errlen, "no payment with that key");
+        code = 404;
+        goto out;
+    }
+    if (amount)
+        p->amount = (int64_t)amount->valuedouble;
+    if (refunded && cJSON_IsTrue(refunded)) {
+        if (p->status != SIM_ST_SUCCEEDED) {
+            snprintf(err, errlen, "only a succeeded payment can be refunded");
+            code = 409;
+            goto out;
+        }
+        sim_store_refund(s->store, p);
+    }
+    sim_log(SIM_LOG_INFO, "control amend key=%s amount=%lld refunded=%d", key->valuestring, (long long)p->amount,
+            (int)p->refunded);
+    sim_buf_reset(&s->body);
+    list_entry_json(s, p, &s->body);
+    code = 200;
+out:
+    cJSON_Delete(o);
+    return code;
+}
+
 static void faults_log(sim_server *s, const char *what)
 {
     sim_buf b;
@@ -964,6 +1018,20 @@ static void handle_control(sim_server *s, struct evhttp_request *req, const char
         }
         sim_buf_reset(&s->body);
         sim_webhooks_config_json(s->webhooks, &s->body);
+        sim_reply_now(s, req, 200);
+    } else if (PATH_IS("/control/amend")) {
+        if (method != EVHTTP_REQ_POST) {
+            reply_error(s, req, 405, "method_not_allowed", NULL);
+            return;
+        }
+        struct evbuffer *in = evhttp_request_get_input_buffer(req);
+        size_t len = evbuffer_get_length(in);
+        int code = control_amend(s, (const char *)evbuffer_pullup(in, -1), len, err, sizeof(err));
+        if (code != 200) {
+            reply_error(s, req, code, code == 404 ? "not_found" : code == 409 ? "not_succeeded" : "invalid_request",
+                        err);
+            return;
+        }
         sim_reply_now(s, req, 200);
     } else if (PATH_IS("/control/save")) {
         if (method != EVHTTP_REQ_POST) {

@@ -57,6 +57,7 @@ typedef struct stripe_req {
     int nclauses;
     clause clauses[SEARCH_CLAUSES_MAX];
     bool search;
+    bool expand_charge; /* list: expand[]=data.latest_charge */
     char pi_id[32];
 } stripe_req;
 
@@ -129,8 +130,10 @@ static void card_error_json(sim_buf *b, const sim_payment *p)
     sim_buf_adds(b, ",\"message\":\"Your card was declined.\",\"type\":\"card_error\"}");
 }
 
-/* The PaymentIntent object; status is the one to show (search lag). */
-static void pi_json(sim_server *s, const sim_payment *p, int status, sim_buf *b)
+/* The PaymentIntent object; status is the one to show (search lag). With
+ * expand, latest_charge is the Charge object (id, amount, amount_refunded,
+ * refunded), as expand[]=data.latest_charge gives it on a list. */
+static void pi_json_ex(sim_server *s, const sim_payment *p, int status, sim_buf *b, bool expand)
 {
     char id[48], cur[4];
     sim_processor_id(s, p, id, sizeof(id));
@@ -161,7 +164,14 @@ static void pi_json(sim_server *s, const sim_payment *p, int status, sim_buf *b)
     else
         sim_buf_adds(b, "null");
     sim_buf_adds(b, ",\"latest_charge\":");
-    if (status == SIM_ST_SUCCEEDED || status == SIM_ST_DECLINED)
+    if (expand && (status == SIM_ST_SUCCEEDED || status == SIM_ST_DECLINED)) {
+        bool refunded = status == SIM_ST_SUCCEEDED && p->refunded;
+        sim_buf_addf(b, "{\"id\":\"ch_%024llu\",\"object\":\"charge\",\"amount\":", (unsigned long long)p->seq);
+        sim_buf_add_i64(b, p->amount);
+        sim_buf_adds(b, ",\"amount_refunded\":");
+        sim_buf_add_i64(b, refunded ? p->amount : 0);
+        sim_buf_addf(b, ",\"refunded\":%s}", refunded ? "true" : "false");
+    } else if (status == SIM_ST_SUCCEEDED || status == SIM_ST_DECLINED)
         sim_buf_addf(b, "\"ch_%024llu\"", (unsigned long long)p->seq);
     else
         sim_buf_adds(b, "null");
@@ -183,6 +193,11 @@ static void pi_json(sim_server *s, const sim_payment *p, int status, sim_buf *b)
     sim_buf_adds(b, "},\"payment_method\":");
     sim_buf_add_jstr(b, p->account, p->account_len);
     sim_buf_addf(b, ",\"status\":\"%s\"}", pi_status(status, p->flags));
+}
+
+static void pi_json(sim_server *s, const sim_payment *p, int status, sim_buf *b)
+{
+    pi_json_ex(s, p, status, b, false);
 }
 
 /* ---- webhooks ----------------------------------------------------------- */
@@ -532,6 +547,8 @@ static int parse_list(sim_call *c, const char *query)
             }
             c->has_after = true;
             c->after_seq = (uint64_t)v;
+        } else if (!r->search && strcmp(p->key, "expand[]") == 0) {
+            r->expand_charge = r->expand_charge || (p->val_len == 18 && memcmp(p->val, "data.latest_charge", 18) == 0);
         } else if (strcmp(p->key, "expand[]") != 0) {
             char msg[SIM_FORM_KEY_MAX + 64];
             snprintf(msg, sizeof(msg), "Received unknown parameter: %s (psp-sim)", p->key);
@@ -909,7 +926,7 @@ static int do_list(sim_server *s, sim_call *c)
         }
         if (n++ > 0)
             sim_buf_addc(b, ',');
-        pi_json(s, p, status, b);
+        pi_json_ex(s, p, status, b, r->expand_charge);
         last_seq = p->seq;
     }
     sim_buf_addf(b, "],\"has_more\":%s", more ? "true" : "false");

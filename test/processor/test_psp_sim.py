@@ -240,6 +240,29 @@ def test_refund(sim):
     assert sim.refund("r-3")[0] == 409
 
 
+def test_control_amend(sim):
+    """POST /control/amend changes a payment behind the merchant's back (reconciliation tests)."""
+    _, p, _ = sim.create("am-1", amount=1000)
+    st, r, _ = sim.request("POST", "/control/amend", {"key": "am-1", "amount": 1500}, port=sim.control_port,
+                           auth=False)
+    assert st == 200 and r["key"] == "am-1" and r["amount"] == 1500 and r["refunded"] is False, r
+    assert sim.get("am-1")[1]["amount"] == 1500
+    st, r, _ = sim.request("POST", "/control/amend", {"key": "am-1", "refunded": True}, port=sim.control_port,
+                           auth=False)
+    assert st == 200 and r["refunded"] is True and sim.get("am-1")[1]["refunded"] is True
+    sim.create("am-2", metadata={"sim": "decline"})
+    st, body, _ = sim.request("POST", "/control/amend", {"key": "am-2", "refunded": True}, port=sim.control_port,
+                              auth=False)
+    assert st == 409 and body["error"]["code"] == "not_succeeded"
+    st, body, _ = sim.request("POST", "/control/amend", {"key": "nobody", "amount": 5}, port=sim.control_port,
+                              auth=False)
+    assert st == 404
+    for bad in ({"amount": 5}, {"key": "am-1", "amount": 0}, {"key": "am-1", "amount": 1.5},
+                {"key": "am-1", "refunded": "yes"}):
+        st, body, _ = sim.request("POST", "/control/amend", bad, port=sim.control_port, auth=False)
+        assert st == 400 and body["error"]["code"] == "invalid_request", (bad, body)
+
+
 # ---- list ---------------------------------------------------------------
 
 def test_list_paging_every_payment_once(sim):

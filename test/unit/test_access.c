@@ -27,7 +27,9 @@ static const char *const class_of_op[PROTO_OP__COUNT] = {
     [PROTO_OP_PAY] = "pay", [PROTO_OP_STATUS] = "read", [PROTO_OP_CREDIT] = "credit",
     [PROTO_OP_BALANCE] = "read", [PROTO_OP_PING] = "read", [PROTO_OP_ACCOUNT_OPEN] = "admin",
     [PROTO_OP_PREPARED] = "admin", [PROTO_OP_RESOLVE] = "admin", [PROTO_OP_RECOVER] = "admin",
-    [PROTO_OP_STATS] = "admin", [PROTO_OP_HEALTH] = "admin",
+    [PROTO_OP_STATS] = "admin", [PROTO_OP_HEALTH] = "admin", [PROTO_OP_RECONCILE] = "admin",
+    [PROTO_OP_RECONCILE_STATUS] = "admin", [PROTO_OP_DISCREPANCIES] = "admin",
+    [PROTO_OP_SETTLE_DISCREPANCY] = "admin", [PROTO_OP_AUDIT] = "admin",
 };
 
 static void test_op_classes(void **state)
