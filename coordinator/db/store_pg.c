@@ -151,20 +151,25 @@ static void lock_state_cb(bool up, void *arg)
 void store_set_state_cb(void (*cb)(bool up)) { state_cb = cb; }
 void store_set_lock_cb(void (*cb)(bool up)) { lock_cb = cb; }
 
+pgpool_config spg_pool_config(const char *app_name, int size, int max_queue)
+{
+    const pc_config *cfg = &D->cfg;
+    return (pgpool_config){ .conninfo = cfg->db_conninfo, .size = size, .max_queue = max_queue,
+                            .connect_timeout_ms = cfg->db_connect_timeout_ms, .reconnect_min_ms = 100,
+                            .reconnect_max_ms = cfg->db_reconnect_max_ms, .lock_timeout_ms = cfg->db_lock_timeout_ms,
+                            .app_name = app_name, .keepalives_idle_s = cfg->db_keepalives_idle_s,
+                            .keepalives_interval_s = cfg->db_keepalives_interval_s,
+                            .keepalives_count = cfg->db_keepalives_count,
+                            .tcp_user_timeout_ms = cfg->db_tcp_user_timeout_ms };
+}
+
 int store_init(void)
 {
     const pc_config *cfg = &D->cfg;
     char app[64];
     snprintf(app, sizeof(app), "paycoord/%s", cfg->node_id);
     closing = false;
-    pgpool_config pc = { .conninfo = cfg->db_conninfo, .size = cfg->pool_size,
-                         .max_queue = cfg->max_in_flight * 4 + 1024, .connect_timeout_ms = cfg->db_connect_timeout_ms,
-                         .reconnect_min_ms = 100, .reconnect_max_ms = cfg->db_reconnect_max_ms,
-                         .lock_timeout_ms = cfg->db_lock_timeout_ms, .app_name = app,
-                         .keepalives_idle_s = cfg->db_keepalives_idle_s,
-                         .keepalives_interval_s = cfg->db_keepalives_interval_s,
-                         .keepalives_count = cfg->db_keepalives_count,
-                         .tcp_user_timeout_ms = cfg->db_tcp_user_timeout_ms };
+    pgpool_config pc = spg_pool_config(app, cfg->pool_size, cfg->max_in_flight * 4 + 1024);
     pay_pool = pgpool_new(loop_base(), &pc);
     pgpool_config rc = pc;
     rc.size = cfg->recovery_pool_size;

@@ -22,6 +22,9 @@ typedef struct spg_call {
 spg_call *spg_call_new(store_any_fn fn, void *arg);
 
 pgpool *spg_pool(store_chan ch);
+/* The settings every pool of the daemon connects with (db_conninfo, timeouts,
+ * lock_timeout, keepalives, tcp_user_timeout), for app_name, size, max_queue. */
+pgpool_config spg_pool_config(const char *app_name, int size, int max_queue);
 pgpool *spg_lock_pool(void);
 bool spg_closing(void);
 /* pgpool status -> store status (a connection lost while closing is a shutdown). */

@@ -48,9 +48,9 @@ int store_recon_open(void)
     const pc_config *cfg = &D->cfg;
     char app[64];
     snprintf(app, sizeof(app), "paycoord/%s/recon", cfg->node_id);
-    pgpool_config pc = { .conninfo = cfg->db_conninfo, .size = 1, .max_queue = 64, .connect_timeout_ms = 5000,
-                         .reconnect_min_ms = 100, .reconnect_max_ms = cfg->db_reconnect_max_ms,
-                         .lock_timeout_ms = cfg->db_lock_timeout_ms, .app_name = app };
+    /* The same connection settings as the other pools (keepalives and
+     * tcp_user_timeout included: a run must notice a dead host too). */
+    pgpool_config pc = spg_pool_config(app, 1, 64);
     run_pool = pgpool_new(loop_base(), &pc);
     return run_pool ? 0 : -1;
 }
