@@ -18,6 +18,7 @@
 #include <stdio.h>
 
 #include <cjson/cJSON.h>
+#include <libpq-fe.h>
 
 #define CTL_EXIT_OK 0
 #define CTL_EXIT_ERROR 1        /* the daemon or the database answered an error */
@@ -133,6 +134,11 @@ void ctl_req_int(cJSON *o, const char *key, int64_t val);
 /* The prepared list straight from PostgreSQL (--db); *result gets the
  * daemon's result shape. */
 int ctl_db_prepared(const ctl_ctx *x, bool has_older, int64_t older_ms, cJSON **result) PC_MUSTCHECK;
+/* A connection to --db CONNINFO (connect_timeout and statement_timeout from
+ * --timeout), or NULL after printing why. */
+PGconn *ctl_db_connect(const ctl_ctx *x) PC_MUSTCHECK;
+/* libpq's multi-line message as one printable line (malloc'd). */
+char *ctl_pq_message(const char *m);
 
 /* ------------------------------------------------------------------ ctl_cmds.c */
 

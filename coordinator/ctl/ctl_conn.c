@@ -390,7 +390,7 @@ static bool db_field_is_int(size_t i) { return i == 3 || i == 6 || i == 9; }
 
 /* libpq's multi-line message as one line: each run of newlines and tabs
  * becomes one space; other control characters are escaped. */
-static char *one_line_pq_message(const char *m)
+char *ctl_pq_message(const char *m)
 {
     sbuf b;
     sbuf_init(&b);
@@ -409,14 +409,11 @@ static char *one_line_pq_message(const char *m)
     return ctl_take(&b);
 }
 
-int ctl_db_prepared(const ctl_ctx *x, bool has_older, int64_t older_ms, cJSON **result)
+PGconn *ctl_db_connect(const ctl_ctx *x)
 {
-    int rc = CTL_EXIT_ERROR;
-    PGresult *res = NULL;
-    char timeout_s[24], older_s[24], stmt_ms[24];
+    char timeout_s[24], stmt_ms[24];
     int64_t connect_s = (x->timeout_ms + 999) / 1000;
     snprintf(timeout_s, sizeof(timeout_s), "%" PRId64, connect_s < 2 ? 2 : connect_s); /* libpq's minimum */
-    snprintf(older_s, sizeof(older_s), "%" PRId64, older_ms);
     snprintf(stmt_ms, sizeof(stmt_ms), "%" PRId64, x->timeout_ms);
     /* Later entries win, so a connect_timeout inside CONNINFO beats ours. */
     const char *const keys[] = { "connect_timeout", "fallback_application_name", "dbname", NULL };
@@ -425,18 +422,36 @@ int ctl_db_prepared(const ctl_ctx *x, bool has_older, int64_t older_ms, cJSON **
     if (!db)
         ctl_oom();
     if (PQstatus(db) != CONNECTION_OK) {
-        char *m = one_line_pq_message(PQerrorMessage(db));
+        char *m = ctl_pq_message(PQerrorMessage(db));
         ctl_err("cannot connect to the database: %s", m);
         free(m);
-        rc = CTL_EXIT_UNREACHABLE;
-        goto out;
+        PQfinish(db);
+        return NULL;
     }
     const char *set_params[] = { stmt_ms };
-    res = PQexecParams(db, "SELECT set_config('statement_timeout', $1, false)", 1, NULL, set_params,
-                       NULL, NULL, 0);
-    if (PQresultStatus(res) != PGRES_TUPLES_OK)
-        goto db_error;
+    PGresult *res = PQexecParams(db, "SELECT set_config('statement_timeout', $1, false)", 1, NULL, set_params,
+                                 NULL, NULL, 0);
+    bool ok = PQresultStatus(res) == PGRES_TUPLES_OK;
     PQclear(res);
+    if (!ok) {
+        char *m = ctl_pq_message(PQerrorMessage(db));
+        ctl_err("database: %s", m);
+        free(m);
+        PQfinish(db);
+        return NULL;
+    }
+    return db;
+}
+
+int ctl_db_prepared(const ctl_ctx *x, bool has_older, int64_t older_ms, cJSON **result)
+{
+    int rc = CTL_EXIT_ERROR;
+    PGresult *res = NULL;
+    char older_s[24];
+    snprintf(older_s, sizeof(older_s), "%" PRId64, older_ms);
+    PGconn *db = ctl_db_connect(x);
+    if (!db)
+        return CTL_EXIT_UNREACHABLE;
     const char *params[] = { has_older ? older_s : NULL };
     res = PQexecParams(db, DB_PREPARED_SQL, 1, NULL, params, NULL, NULL, 0);
     if (PQresultStatus(res) != PGRES_TUPLES_OK || PQnfields(res) != (int)PC_ARRAY_LEN(DB_FIELDS))
@@ -467,7 +482,7 @@ int ctl_db_prepared(const ctl_ctx *x, bool has_older, int64_t older_ms, cJSON **
     rc = CTL_EXIT_OK;
     goto out;
 db_error: {
-        char *m = one_line_pq_message(PQerrorMessage(db));
+        char *m = ctl_pq_message(PQerrorMessage(db));
         const char *state = PQresultErrorField(res, PG_DIAG_SQLSTATE);
         ctl_err("database: %s%s%s%s", m, state ? " (SQLSTATE " : "", state ? state : "", state ? ")" : "");
         free(m);

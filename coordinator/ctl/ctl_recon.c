@@ -263,32 +263,16 @@ static void print_offenders(const cJSON *offenders)
 /* The audit straight from PostgreSQL (pc_audit, sql/006_reconciliation.sql). */
 static int audit_db(const ctl_ctx *x, const char *account, cJSON **out)
 {
-    char timeout_s[24];
-    int64_t connect_s = (x->timeout_ms + 999) / 1000;
-    snprintf(timeout_s, sizeof(timeout_s), "%" PRId64, connect_s < 2 ? 2 : connect_s);
-    const char *const keys[] = { "connect_timeout", "fallback_application_name", "dbname", NULL };
-    const char *const vals[] = { timeout_s, "paycoordctl", x->optval[O_DB], NULL };
-    PGconn *db = PQconnectdbParams(keys, vals, 1);
+    PGconn *db = ctl_db_connect(x);
     if (!db)
-        ctl_oom();
-    if (PQstatus(db) != CONNECTION_OK) {
-        char *m = strdup(PQerrorMessage(db));
-        if (m)
-            m[strcspn(m, "\n")] = '\0';
-        ctl_err("cannot connect to the database: %s", m ? m : "?");
-        free(m);
-        PQfinish(db);
         return CTL_EXIT_UNREACHABLE;
-    }
     const char *params[1] = { account };
     PGresult *res = PQexecParams(db, "SELECT check_name, account_id, subject, detail FROM pc_audit($1)", 1, NULL,
                                  params, NULL, NULL, 0);
     int rc = CTL_EXIT_OK;
     if (PQresultStatus(res) != PGRES_TUPLES_OK) {
-        char *m = strdup(PQerrorMessage(db));
-        if (m)
-            m[strcspn(m, "\n")] = '\0';
-        ctl_err("database: %s", m ? m : "?");
+        char *m = ctl_pq_message(PQerrorMessage(db));
+        ctl_err("database: %s", m);
         free(m);
         rc = CTL_EXIT_ERROR;
     } else {

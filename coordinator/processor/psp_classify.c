@@ -7,18 +7,6 @@
 #include <stdio.h>
 #include <string.h>
 
-/* Copy src into dst[size]; false (dst = "") if it does not fit. */
-static bool copy_str(char *dst, size_t size, const char *src)
-{
-    size_t n = strlen(src);
-    if (n >= size) {
-        dst[0] = '\0';
-        return false;
-    }
-    memcpy(dst, src, n + 1);
-    return true;
-}
-
 const char *psp_outcome_name(psp_outcome o)
 {
     switch (o) {
@@ -85,11 +73,11 @@ static bool parse_payment(const cJSON *o, const char *gid, psp_payment *p, const
     const cJSON *refunded = cJSON_GetObjectItemCaseSensitive(o, "refunded");
 
     if (!cJSON_IsString(id) || id->valuestring[0] == '\0' ||
-        !copy_str(p->id, sizeof(p->id), id->valuestring)) {
+        !proc_copy(p->id, sizeof(p->id), id->valuestring)) {
         *why = "payment_bad_id";
         return false;
     }
-    if (!cJSON_IsString(key) || !copy_str(p->idempotency_key, sizeof(p->idempotency_key),
+    if (!cJSON_IsString(key) || !proc_copy(p->idempotency_key, sizeof(p->idempotency_key),
                                           key->valuestring)) {
         *why = "payment_bad_idempotency_key";
         return false;
@@ -114,7 +102,7 @@ static bool parse_payment(const cJSON *o, const char *gid, psp_payment *p, const
     if (tombstone_ok && (currency == NULL || cJSON_IsNull(currency))) {
         p->currency[0] = '\0';
     } else if (!cJSON_IsString(currency) || strlen(currency->valuestring) != 3 ||
-               !copy_str(p->currency, sizeof(p->currency), currency->valuestring)) {
+               !proc_copy(p->currency, sizeof(p->currency), currency->valuestring)) {
         *why = "payment_bad_currency";
         return false;
     }
