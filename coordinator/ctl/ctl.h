@@ -131,6 +131,9 @@ int ctl_call(ctl_ctx *x, cJSON *req, ctl_reply *out) PC_MUSTCHECK;
 cJSON *ctl_req_new(const char *op);
 void ctl_req_str(cJSON *o, const char *key, const char *val);
 void ctl_req_int(cJSON *o, const char *key, int64_t val);
+/* Send req, then print the result (table(), unless --json or table is NULL)
+ * or report the error answer; returns the exit code. */
+int ctl_call_print(ctl_ctx *x, cJSON *req, void (*table)(const cJSON *result)) PC_MUSTCHECK;
 /* The prepared list straight from PostgreSQL (--db); *result gets the
  * daemon's result shape. */
 int ctl_db_prepared(const ctl_ctx *x, bool has_older, int64_t older_ms, cJSON **result) PC_MUSTCHECK;

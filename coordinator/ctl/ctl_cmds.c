@@ -69,16 +69,24 @@ static int check_reference(const char *cmd, const char *s)
                            PROTO_REFERENCE_MAX);
 }
 
-/* Call and print: the common shape of most commands. */
-static int simple_call(ctl_ctx *x, cJSON *req)
+int ctl_call_print(ctl_ctx *x, cJSON *req, void (*table)(const cJSON *result))
 {
     ctl_reply r;
     int rc = ctl_call(x, req, &r);
-    if (!rc)
-        rc = r.code ? ctl_report_reply_error(&r) : ctl_print_result(x, r.result);
+    if (!rc) {
+        if (r.code)
+            rc = ctl_report_reply_error(&r);
+        else if (x->json || !table)
+            rc = ctl_print_result(x, r.result);
+        else
+            table(r.result);
+    }
     ctl_reply_free(&r);
     return rc;
 }
+
+/* Call and print: the common shape of most commands. */
+static int simple_call(ctl_ctx *x, cJSON *req) { return ctl_call_print(x, req, NULL); }
 
 /* ------------------------------------------------------------------ prepared */
 

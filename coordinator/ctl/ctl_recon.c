@@ -68,19 +68,15 @@ static bool parse_time(const char *s, int64_t *out)
     return *out >= 0;
 }
 
-static int call_print(ctl_ctx *x, cJSON *req, void (*table)(const cJSON *result))
+/* Call; on a transport failure or an error answer, report it, free r and
+ * return the exit code (0: r holds a result the caller frees). */
+static int call_ok(ctl_ctx *x, cJSON *req, ctl_reply *r)
 {
-    ctl_reply r;
-    int rc = ctl_call(x, req, &r);
-    if (!rc) {
-        if (r.code)
-            rc = ctl_report_reply_error(&r);
-        else if (x->json || !table)
-            rc = ctl_print_result(x, r.result);
-        else
-            table(r.result);
-    }
-    ctl_reply_free(&r);
+    int rc = ctl_call(x, req, r);
+    if (!rc && r->code)
+        rc = ctl_report_reply_error(r);
+    if (rc)
+        ctl_reply_free(r);
     return rc;
 }
 
@@ -104,7 +100,7 @@ int ctl_cmd_reconcile(ctl_ctx *x)
             return ctl_usage_error(cmd, "the only argument is 'status' (got '%s')", x->args[1]);
         if (x->optset[O_FROM] || x->optset[O_TO] || x->optset[O_REPORT])
             return ctl_usage_error(cmd, "'reconcile status' takes no --from, --to or --report");
-        return call_print(x, ctl_req_new("reconcile_status"), print_runs);
+        return ctl_call_print(x, ctl_req_new("reconcile_status"), print_runs);
     }
     cJSON *req = ctl_req_new("reconcile");
     if (x->optset[O_FROM] != x->optset[O_TO]) {
@@ -135,16 +131,9 @@ int ctl_cmd_reconcile(ctl_ctx *x)
         free(abs);
     }
     ctl_reply r;
-    int rc = ctl_call(x, req, &r);
-    if (rc) {
-        ctl_reply_free(&r);
+    int rc = call_ok(x, req, &r);
+    if (rc)
         return rc;
-    }
-    if (r.code) {
-        rc = ctl_report_reply_error(&r);
-        ctl_reply_free(&r);
-        return rc;
-    }
     int64_t run_id = (int64_t)cJSON_GetNumberValue(cJSON_GetObjectItemCaseSensitive(r.result, "run_id"));
     if (!x->optset[O_WAIT]) {
         rc = ctl_print_result(x, r.result);
@@ -160,16 +149,9 @@ int ctl_cmd_reconcile(ctl_ctx *x)
         nanosleep(&ts, NULL);
         ctl_conn_close(&x->conn);                       /* a fresh deadline per poll */
         ctl_conn_init(&x->conn, x->socket_path, x->timeout_ms);
-        rc = ctl_call(x, ctl_req_new("reconcile_status"), &r);
-        if (rc) {
-            ctl_reply_free(&r);
+        rc = call_ok(x, ctl_req_new("reconcile_status"), &r);
+        if (rc)
             return rc;
-        }
-        if (r.code) {
-            rc = ctl_report_reply_error(&r);
-            ctl_reply_free(&r);
-            return rc;
-        }
         const cJSON *run = NULL, *it;
         cJSON_ArrayForEach(it, cJSON_GetObjectItemCaseSensitive(r.result, "runs")) {
             if ((int64_t)cJSON_GetNumberValue(cJSON_GetObjectItemCaseSensitive(it, "run_id")) == run_id)
@@ -205,7 +187,7 @@ int ctl_cmd_discrepancies(ctl_ctx *x)
     cJSON *req = ctl_req_new("discrepancies");
     if (x->optset[O_ALL])
         cJSON_AddBoolToObject(req, "all", true);
-    return call_print(x, req, print_discrepancies);
+    return ctl_call_print(x, req, print_discrepancies);
 }
 
 int ctl_cmd_settle_discrepancy(ctl_ctx *x)
@@ -247,7 +229,7 @@ int ctl_cmd_settle_discrepancy(ctl_ctx *x)
         }
         ctl_req_str(req, "account", x->optval[O_ACCOUNT]);
     }
-    return call_print(x, req, NULL);
+    return ctl_call_print(x, req, NULL);
 }
 
 /* ------------------------------------------------------------------ audit */
@@ -310,9 +292,7 @@ int ctl_cmd_audit(ctl_ctx *x)
         cJSON *req = ctl_req_new("audit");
         if (account)
             ctl_req_str(req, "account", account);
-        rc = ctl_call(x, req, &r);
-        if (!rc && r.code)
-            rc = ctl_report_reply_error(&r);
+        rc = call_ok(x, req, &r);
         if (!rc)
             offenders = cJSON_GetObjectItemCaseSensitive(r.result, "offenders");
     }
