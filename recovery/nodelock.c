@@ -117,6 +117,16 @@ static void pooled(const char *why, int stray_pid)
 #define GEN ((void *)gen)
 #define STALE(arg) ((uintptr_t)(arg) != gen)
 
+/* A check that could not be made: held, verify again shortly; not held,
+ * try to take it again. */
+static void check_again_soon(void)
+{
+    if (locked)
+        loop_timer_start(&verify_timer, 200);
+    else
+        retry_in(100);
+}
+
 static void holder_cb(st_status st, int my_pid, int holder, void *arg)
 {
     if (STALE(arg))
@@ -128,10 +138,7 @@ static void holder_cb(st_status st, int my_pid, int holder, void *arg)
         /* Cannot tell now: keep what we have (the lock session itself still
          * reports the lock as its own) and look again shortly. */
         log_info("recovery event=node_lock_check_deferred node=%s status=%d", D->cfg.node_id, (int)st);
-        if (locked)
-            loop_timer_start(&verify_timer, 200);
-        else
-            retry_in(100);
+        check_again_soon();
         return;
     }
     if (holder == 0 || holder != holder_pid || my_pid == holder) {
@@ -159,10 +166,7 @@ static void check_from_elsewhere(void)
         pending = true;
         return;
     }
-    if (locked)
-        loop_timer_start(&verify_timer, 200);
-    else
-        retry_in(100);
+    check_again_soon();
 }
 
 static void own_check_cb(st_status st, int my_pid, bool held_by_me, void *arg)
