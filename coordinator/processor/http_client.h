@@ -77,6 +77,13 @@ http_client *http_new(struct event_base *base, const http_config *cfg) PC_MUSTCH
  * configuration, the header auth_prefix followed by the token. NULL when
  * there is no token or it cannot be made. */
 http_client *proc_http_client(const char *name, const char *auth_prefix) PC_MUSTCHECK;
+/* Start an adapter that talks HTTP and learns from webhooks (Stripe,
+ * Adyen): its client (proc_http_client, named after the adapter), the
+ * webhook memory kept keep_known_ms, then proc_use(adapter). -1, nothing
+ * left behind, when either cannot be made. */
+struct proc_adapter;
+int proc_adapter_start(const struct proc_adapter *adapter, http_client **client, const char *auth_prefix,
+                       uint64_t keep_known_ms) PC_MUSTCHECK;
 void http_free(http_client *c);
 
 int http_send(http_client *c, const http_request *rq, http_cb cb, void *arg) PC_MUSTCHECK;

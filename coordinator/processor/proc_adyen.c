@@ -357,12 +357,5 @@ int proc_adyen_start(void)
     events_loaded = false;
     uint64_t keep = 2 * (uint64_t)cfg->payment_deadline_ms + 2 * (uint64_t)cfg->adyen_webhook_timeout_s * 1000 +
                     3600000;
-    client = proc_http_client("adyen", "X-API-Key: ");
-    if (!client || proc_known_init(keep) != 0) {
-        http_free(client);
-        client = NULL;
-        return -1;
-    }
-    proc_use(&adyen);
-    return 0;
+    return proc_adapter_start(&adyen, &client, "X-API-Key: ", keep);
 }

@@ -4,6 +4,7 @@
 #include "ctx.h"
 #include "log.h"
 #include "http_client.h"
+#include "proc_known.h"
 #include "loop.h"
 #include "sbuf.h"
 
@@ -47,4 +48,17 @@ http_client *proc_http_client(const char *name, const char *auth_prefix)
     http_client *client = sbuf_ok(&auth) ? http_new(loop_base(), &hc) : NULL;
     sbuf_free(&auth);
     return client;
+}
+
+int proc_adapter_start(const proc_adapter *adapter, http_client **client, const char *auth_prefix,
+                       uint64_t keep_known_ms)
+{
+    *client = proc_http_client(adapter->name, auth_prefix);
+    if (!*client || proc_known_init(keep_known_ms) != 0) {
+        http_free(*client);
+        *client = NULL;
+        return -1;
+    }
+    proc_use(adapter);
+    return 0;
 }

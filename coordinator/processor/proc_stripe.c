@@ -429,12 +429,5 @@ int proc_stripe_start(void)
     }
     caps.key_window_ms = (int64_t)cfg->stripe_key_window_s * 1000;
     uint64_t keep = 2 * (uint64_t)cfg->payment_deadline_ms + 3600000;
-    client = proc_http_client("stripe", "Authorization: Bearer ");
-    if (!client || proc_known_init(keep) != 0) {
-        http_free(client);
-        client = NULL;
-        return -1;
-    }
-    proc_use(&stripe);
-    return 0;
+    return proc_adapter_start(&stripe, &client, "Authorization: Bearer ", keep);
 }
